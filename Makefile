@@ -1,0 +1,47 @@
+# Set-up and everyday commands. Everything runs in a virtualenv (.venv) created here.
+#   make demo    install, then compare gather_logprobs with PyTorch on this machine
+#   make test    install, then run the whole test suite (what CI runs)
+#   make bench   install, then run the benchmarks and rewrite the README's performance tables
+#
+# torch: an installed torch (visible through --system-site-packages) is used as it is; otherwise
+# $(TORCH_SPEC) is installed (pip's configured index/find-links decide the build, e.g. a CPU wheel).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+export MAX_JOBS ?= 4
+NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: install demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(VENV)/.deps: $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install "setuptools>=77" wheel ninja
+	# the editable install only links the sources; the native extension is built in place below
+	RLHF_FAST_SKIP_NATIVE=1 $(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+# Rebuild the native extension in place whenever a C++/CUDA source or setup.py changes.
+$(VENV)/.native: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+install: $(VENV)/.native
+
+demo: install
+	$(PY) -m rlhf_fast.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/run.py --update-readme
+
+lint: install
+	$(PY) -m ruff check rlhf_fast kernels tests bench setup.py
+
+clean:
+	rm -rf build $(VENV) rlhf_fast/_C*.so *.egg-info

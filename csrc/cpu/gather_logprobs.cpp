@@ -1,0 +1,58 @@
+// CPU entry points of gather_logprobs: argument checks and allocation here, the SIMD kernels in
+// csrc/cpu/kernels/gather_logprobs_kernel.h (chosen per CPU capability by csrc/cpu/dispatch.h).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <rlhf_fast/checks.h>
+
+#include "dispatch.h"
+
+namespace rlhf_fast::cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_fwd_cpu(const at::Tensor& logits,
+                                                                      const at::Tensor& labels,
+                                                                      double temperature, int64_t ignore_index,
+                                                                      bool return_entropy) {
+  check_rows(logits, "logits");
+  const int64_t n = logits.size(0), vocab = logits.size(1);
+  check_vector(labels, "labels", n, at::kLong, logits);
+  RLHF_FAST_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+  const auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor entropy = at::empty({return_entropy ? n : 0}, opts);
+  if (n == 0) return {logprobs, entropy, lse};
+  const at::Tensor y = labels.contiguous();
+  const int64_t bad = kernels().gather_logprobs_fwd(logits, y, float(1.0 / temperature), ignore_index, logprobs,
+                                                    return_entropy ? &entropy : nullptr, lse);
+  RLHF_FAST_CHECK(bad < 0, "labels: expected values in [0, ", vocab, ") or ignore_index=", ignore_index,
+                  ", got ", bad < 0 ? 0 : y[bad].item<int64_t>(), " at flat position ", bad);
+  return {logprobs, entropy, lse};
+}
+
+at::Tensor gather_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                   const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  check_rows(logits, "logits");
+  const int64_t n = logits.size(0);
+  check_vector(labels, "labels", n, at::kLong, logits);
+  check_vector(lse, "lse", n, at::kFloat, logits);
+  check_vector(grad_logprobs, "grad_logprobs", n, at::kFloat, logits);
+  at::Tensor g_ent;
+  if (grad_entropy.has_value() && grad_entropy->defined()) {
+    check_vector(*grad_entropy, "grad_entropy", n, at::kFloat, logits);
+    check_vector(entropy, "entropy", n, at::kFloat, logits);
+    g_ent = grad_entropy->contiguous();
+  }
+  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n == 0) return grad_logits;
+  kernels().gather_logprobs_bwd(grad_logprobs.contiguous(), g_ent, logits, labels.contiguous(), lse.contiguous(),
+                                entropy.contiguous(), float(1.0 / temperature), ignore_index, grad_logits);
+  return grad_logits;
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
+  m.impl("gather_logprobs_fwd", &gather_logprobs_fwd_cpu);
+  m.impl("gather_logprobs_bwd", &gather_logprobs_bwd_cpu);
+}
+
+}  // namespace rlhf_fast::cpu

@@ -1,0 +1,28 @@
+"""Loads the native extension rlhf_fast._C, remembering why it is missing if it is."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from rlhf_fast import _C  # noqa: F401  (importing registers the rlhf_fast_C:: ops)
+
+    NATIVE_ERROR: str | None = None
+except ImportError as exc:  # not built (RLHF_FAST_SKIP_NATIVE=1) or built against another torch
+    NATIVE_ERROR = f"native extension rlhf_fast._C is not available ({exc})"
+
+
+def has_native() -> bool:
+    return NATIVE_ERROR is None
+
+
+def has_native_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether rlhf_fast_C::<op> has a kernel for `dispatch_key` ("CPU" or "CUDA")."""
+    if NATIVE_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_fast_C::{op}", dispatch_key)
+
+
+def cpu_capability() -> str | None:
+    """SIMD variant of the CPU kernels in use ("AVX512", "AVX2", "DEFAULT"), None without _C."""
+    return torch.ops.rlhf_fast_C.cpu_capability() if NATIVE_ERROR is None else None

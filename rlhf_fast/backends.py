@@ -1,0 +1,184 @@
+"""One registry decides which backend runs an op.
+
+Choice: explicit ``backend=`` argument > ``RLHF_FAST_BACKEND`` environment variable > the best
+available backend for the tensors' device. Every backend declares what it supports (devices, dtypes)
+and every op implementation may add its own limits; both answer with readable reasons. An explicit
+choice that cannot run raises ``ValueError`` with those reasons; an automatic choice falls through to
+the next backend in the device's preference order.
+
+Backends:
+  torch   pure-PyTorch reference (rlhf_fast/reference.py): any device, also float64
+  cpu     native C++ kernels (csrc/cpu, at::vec SIMD + at::parallel_for), from rlhf_fast._C
+  cuda    native CUDA kernels (csrc/cuda), from rlhf_fast._C when built with CUDA
+  triton  Triton kernels (kernels/, installed as rlhf_fast.kernels); on CPU tensors only under
+          TRITON_INTERPRET=1, where they run in Triton's interpreter (for tests, never chosen
+          automatically)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_fast import _native
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+ENV_VAR = "RLHF_FAST_BACKEND"
+
+# Automatic choice, best first, per device type. The Triton interpreter is never picked for speed.
+PREFERENCE = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+DEFAULT_PREFERENCE = ("torch",)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reasons(device: torch.device) -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed"]
+    if device.type == "cuda":
+        return [] if torch.cuda.is_available() else ["torch.cuda.is_available() is False"]
+    if device.type == "cpu":
+        return [] if triton_interpret() else ["triton runs CPU tensors only under TRITON_INTERPRET=1"]
+    return [f"triton does not run on {device.type} tensors"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    description: str
+
+    def availability_reasons(self, device: torch.device | None = None) -> list[str]:
+        """Why this backend cannot run at all (on `device`, if given); empty when it can."""
+        reasons: list[str] = []
+        if self.name in ("cpu", "cuda") and not _native.has_native():
+            reasons.append(_native.NATIVE_ERROR or "native extension missing")
+        if self.name == "cuda" and _native.has_native() and not _native.has_native_kernel(
+                "gather_logprobs_fwd", "CUDA"):
+            reasons.append("rlhf_fast._C was built without CUDA kernels (CPU-only torch or no nvcc)")
+        if self.name == "cuda" and not torch.cuda.is_available():
+            reasons.append("torch.cuda.is_available() is False")
+        if self.name == "triton":
+            reasons += _triton_reasons(device if device is not None else torch.device("cuda"))
+        if device is not None and device.type not in self.devices:
+            reasons.append(f"{self.name} does not run on {device.type} tensors (runs on {', '.join(self.devices)})")
+        return reasons
+
+    def reasons(self, tensors: Sequence[torch.Tensor]) -> list[str]:
+        """Why this backend cannot run on these input tensors; empty when it can."""
+        device = tensors[0].device
+        reasons = self.availability_reasons(device)
+        for t in tensors:
+            if t.is_floating_point() and t.dtype not in self.dtypes:
+                reasons.append(f"{self.name} does not support dtype {t.dtype}")
+                break
+        return reasons
+
+
+BACKEND_INFO: dict[str, Backend] = {
+    "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), FLOAT_DTYPES + (torch.float64,),
+                     "pure-PyTorch reference"),
+    "cpu": Backend("cpu", ("cpu",), FLOAT_DTYPES, "native C++ (at::vec + at::parallel_for)"),
+    "cuda": Backend("cuda", ("cuda",), FLOAT_DTYPES, "native CUDA"),
+    "triton": Backend("triton", ("cuda", "cpu"), FLOAT_DTYPES, "Triton"),
+}
+
+
+@dataclass
+class OpImpl:
+    """An op's implementation in one backend. `limits(*tensors)` adds op-specific reasons."""
+
+    forward: Callable
+    backward: Callable | None = None
+    limits: Callable[..., list[str]] | None = None
+
+
+@dataclass
+class OpRegistry:
+    name: str
+    impls: dict[str, OpImpl] = field(default_factory=dict)
+
+    def register(self, backend: str, forward: Callable, backward: Callable | None = None,
+                 limits: Callable[..., list[str]] | None = None) -> None:
+        if backend not in BACKEND_INFO:
+            raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
+        self.impls[backend] = OpImpl(forward, backward, limits)
+
+    def reasons(self, backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
+        if backend not in self.impls:
+            return [f"{self.name} has no {backend} implementation"]
+        reasons = BACKEND_INFO[backend].reasons(tensors)
+        limits = self.impls[backend].limits
+        if not reasons and limits is not None:
+            reasons += limits(*tensors)
+        return reasons
+
+    def select(self, tensors: Sequence[torch.Tensor], backend: str | None = None) -> str:
+        """Name of the backend that runs this op on `tensors` (see module docstring for the rule)."""
+        requested, source = backend, "backend="
+        if requested is None and os.environ.get(ENV_VAR):
+            requested, source = os.environ[ENV_VAR], ENV_VAR
+        if requested is not None:
+            if requested not in BACKEND_INFO:
+                raise ValueError(f"{source}{requested!r} is not a backend; expected one of {BACKENDS}")
+            reasons = self.reasons(requested, tensors)
+            if reasons:
+                raise ValueError(f"{self.name}: backend {requested!r} (from {source}) cannot run: "
+                                 + "; ".join(reasons))
+            return requested
+        device = tensors[0].device
+        tried = []
+        for name in PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
+            reasons = self.reasons(name, tensors)
+            if not reasons:
+                return name
+            tried.append(f"{name}: " + "; ".join(reasons))
+        raise ValueError(f"{self.name}: no backend can run these inputs ({' | '.join(tried)})")
+
+    def impl(self, backend: str) -> OpImpl:
+        return self.impls[backend]
+
+
+_OPS: dict[str, OpRegistry] = {}
+
+
+def op_registry(name: str) -> OpRegistry:
+    """The registry of op `name`, created on first use."""
+    return _OPS.setdefault(name, OpRegistry(name))
+
+
+def select_backend(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
+    """Which backend `rlhf_fast.<op>` would run on these tensors (benchmarks report this name)."""
+    if op not in _OPS:
+        raise ValueError(f"op={op!r} is not an rlhf_fast op; expected one of {sorted(_OPS)}")
+    return _OPS[op].select(tensors, backend)
+
+
+def backends_available(device: str | torch.device | None = None) -> dict[str, list[str]]:
+    """For each backend, why it cannot run (an empty list when it can).
+
+    With no `device`, each backend is asked about its own primary device: cpu for "cpu" and "torch",
+    cuda for "cuda", and for "triton" cuda, or cpu under TRITON_INTERPRET=1.
+    """
+    out = {}
+    for name, info in BACKEND_INFO.items():
+        if device is not None:
+            dev = torch.device(device)
+        elif name in ("torch", "cpu") or (name == "triton" and triton_interpret()):
+            dev = torch.device("cpu")
+        else:
+            dev = torch.device("cuda")
+        out[name] = info.availability_reasons(dev)
+    return out

@@ -1,0 +1,47 @@
+"""Pure-PyTorch references of every rlhf_fast op: the ground truth the kernels are tested against,
+the ``torch`` backend, and the eager baseline of the benchmarks.
+
+They favour clarity over speed (they materialize full fp32 intermediates) and follow the numerics
+contract of the fused kernels: fp32 results, defined values for ignored positions and for rows
+whose logits are all -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def gather_logprobs_ref(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
+                        ignore_index: int = -100, return_entropy: bool = False
+                        ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-token log-probs (and entropy) of `labels` under softmax(logits / temperature).
+
+    logits (N, V) any float dtype, labels (N,) integer. Returns fp32 (logprobs (N,),
+    entropy (N,) or None, lse (N,)) where lse = logsumexp(logits / temperature).
+    Ignored positions (label == ignore_index) give logprob 0 and entropy 0; a row of all -inf
+    logits gives lse = -inf, logprob -inf (0 if ignored), entropy 0 and no gradient.
+    Differentiable in `logits` through ordinary autograd.
+    """
+    z = logits.float() / temperature                                    # (N, V)
+    keep = labels != ignore_index
+    # A dead row (all -inf) would give NaN in logsumexp and in its gradient: compute it on zeros
+    # instead, then report lse = -inf and logprob = -inf with no gradient flowing into it.
+    dead = z.amax(dim=-1, keepdim=True) == float("-inf")               # (N, 1)
+    z = torch.where(dead, torch.zeros_like(z), z)
+    lse = torch.logsumexp(z, dim=-1)                                    # (N,)
+    logp = z - lse.unsqueeze(-1)                                        # (N, V) log-softmax
+    safe_labels = torch.where(keep, labels, torch.zeros_like(labels)).long()
+    label_logp = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    dead = dead.squeeze(-1)
+    neg_inf = torch.full_like(label_logp, float("-inf"))
+    zero = torch.zeros_like(label_logp)
+    logprobs = torch.where(keep, torch.where(dead, neg_inf, label_logp), zero)
+    entropy = None
+    if return_entropy:
+        p = logp.exp()
+        # p * log p is 0 where p == 0 (logit -inf); mask log p first so the gradient is 0, not NaN
+        plogp = p * torch.where(p > 0, logp, torch.zeros_like(logp))
+        entropy = torch.where(keep & ~dead, -plogp.sum(-1), zero)
+    lse = torch.where(dead, neg_inf, lse)
+    return logprobs, entropy, lse.detach()

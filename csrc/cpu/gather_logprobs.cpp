@@ -6,6 +6,7 @@
 #include <rlhf_fast/checks.h>
 
 #include "dispatch.h"
+#include "hugepage_alloc.h"
 
 namespace rlhf_fast::cpu {
 
@@ -43,7 +44,7 @@ at::Tensor gather_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::o
     check_vector(entropy, "entropy", n, at::kFloat, logits);
     g_ent = grad_entropy->contiguous();
   }
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_logits = empty_hugepage(logits.sizes(), logits.scalar_type());
   if (n == 0) return grad_logits;
   kernels().gather_logprobs_bwd(grad_logprobs.contiguous(), g_ent, logits, labels.contiguous(), lse.contiguous(),
                                 entropy.contiguous(), float(1.0 / temperature), ignore_index, grad_logits);

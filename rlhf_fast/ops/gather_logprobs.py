@@ -20,7 +20,7 @@ from torch import Tensor
 
 from rlhf_fast import _validation as V
 from rlhf_fast.backends import op_registry
-from rlhf_fast.reference import gather_logprobs_ref
+from rlhf_fast.reference import gather_logprobs_backward_ref, gather_logprobs_ref
 
 OP = op_registry("gather_logprobs")
 
@@ -40,17 +40,8 @@ def _torch_forward(logits, labels, temperature, ignore_index, return_entropy):
 
 
 def _torch_backward(grad_lp, grad_ent, logits, labels, lse, entropy, temperature, ignore_index):
-    # The reference is the ground truth: differentiate it with autograd rather than restating its
-    # gradient by hand.
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_(True)
-        lp, ent, _ = gather_logprobs_ref(x, labels, temperature=temperature, ignore_index=ignore_index,
-                                         return_entropy=grad_ent is not None)
-        total = (lp * grad_lp).sum()
-        if grad_ent is not None:
-            total = total + (ent * grad_ent).sum()
-        (grad,) = torch.autograd.grad(total, x)
-    return grad.contiguous()
+    return gather_logprobs_backward_ref(grad_lp, grad_ent, logits, labels, lse, entropy,
+                                        temperature=temperature, ignore_index=ignore_index)
 
 
 def _native_forward(logits, labels, temperature, ignore_index, return_entropy):

@@ -1,9 +1,9 @@
 // CPU kernels of gather_logprobs, compiled once per SIMD capability (see csrc/cpu/dispatch.h).
 //
-// Forward, one row at a time, in blocks of kBlock elements that stay in L1: pass 1 converts the
-// block to fp32, scales it by 1/T into a stack buffer and takes its max; pass 2 folds the buffer into
-// lane-wise running sums of exp(z - m) (and exp(z - m) * (z - m) for the entropy). The logits are
-// read from memory once; there is one exp per element plus one per block whose max rises.
+// Forward, one row at a time, in blocks of kBlock elements that stay in L1: pass 1 takes the block's
+// max; pass 2 re-reads the block from L1 and folds it into lane-wise running sums of exp(z - m)
+// (and exp(z - m) * (z - m) for the entropy). The logits are read from memory once; there is one
+// exp per element plus one per block whose max rises.
 // Backward, one row at a time: recompute p = exp(z - lse) from the logits and the saved lse, write
 // the gradient once in the logits' dtype. The row math is shared with the CUDA kernels through
 // rlhf_fast/gather_logprobs_math.h.
@@ -45,7 +45,7 @@ struct VecOps {
 
 // Two fp32 vectors per step: the natural unit for bf16/fp16, whose vectors hold twice as many lanes.
 constexpr int64_t kStep = 2 * Vec::size();
-// Elements staged per forward block: 8 KB of fp32.
+// Elements per forward block: read twice, the second time from L1.
 constexpr int64_t kBlock = 2048;
 static_assert(kBlock % kStep == 0, "block must be a whole number of steps");
 
@@ -83,41 +83,38 @@ inline void store2(T* p, int64_t count, const Vec& a, const Vec& b) {
   }
 }
 
-// Pass 1 of a block: buf[0:n) = x[0:n) * inv_temp, buf[n:padded) = -inf; returns the max.
+// Max of x[0:n) (unscaled; the scale 1/T > 0 commutes with max).
 template <typename T>
-inline float stage_block(const T* x, int64_t n, float inv_temp, float* buf) {
-  const Vec scale(inv_temp);
+inline float block_max(const T* x, int64_t n) {
   const Vec ninf(-std::numeric_limits<float>::infinity());
   Vec mx0 = ninf, mx1 = ninf;
-  for (int64_t j = 0; j < n; j += kStep) {
-    const int64_t count = std::min(kStep, n - j);
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
     Vec a, b;
-    load2(x + j, count, a, b);
-    a = a * scale;
-    b = b * scale;
-    if (count < kStep) {  // pad the tail with -inf: it then adds exactly nothing in pass 2
-      const Vec lane = Vec::arange(0.f, 1.f);
-      a = Vec::blendv(ninf, a, lane < Vec(float(count)));
-      b = Vec::blendv(ninf, b, (lane + Vec(float(Vec::size()))) < Vec(float(count)));
-    }
-    a.store(buf + j);
-    b.store(buf + j + Vec::size());
+    load2(x + j, kStep, a, b);
     mx0 = at::vec::maximum(mx0, a);
     mx1 = at::vec::maximum(mx1, b);
   }
-  return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
-                                        at::vec::maximum(mx0, mx1));
+  float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
+                                           at::vec::maximum(mx0, mx1));
+  for (; j < n; ++j) m = std::max(m, float(x[j]));
+  return m;
 }
 
+// One read of the row from memory, in L1-sized blocks: the block's max first, then (re-reading the
+// block from L1) the sums relative to the running max. One exp per element, plus one per block
+// whose max raises the running max.
 template <typename T, bool kEntropy>
-inline logprobs::RowStats fold_row(const T* x, int64_t vocab, float inv_temp, float* buf) {
+inline logprobs::RowStats fold_row(const T* x, int64_t vocab, float inv_temp) {
   using logprobs::accumulate;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float m = kNegInf;
+  float m = kNegInf;  // running max of z = x / T
   Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+  const Vec scale(inv_temp);
   for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
+    const T* xb = x + b0;
     const int64_t n = std::min(kBlock, vocab - b0);
-    const float bmax = stage_block(x + b0, n, inv_temp, buf);
+    const float bmax = block_max(xb, n) * inv_temp;
     if (!(bmax > kNegInf)) continue;  // an all -inf block carries no mass
     if (bmax > m) {
       if (m > kNegInf) {  // online softmax: move the running sums to the new max
@@ -130,10 +127,23 @@ inline logprobs::RowStats fold_row(const T* x, int64_t vocab, float inv_temp, fl
       }
       m = bmax;
     }
-    const Vec mv(m);
-    for (int64_t j = 0; j < n; j += kStep) {
-      accumulate<VecOps>(Vec::loadu(buf + j) - mv, s0, t0, kEntropy);
-      accumulate<VecOps>(Vec::loadu(buf + j + Vec::size()) - mv, s1, t1, kEntropy);
+    const Vec neg_m(-m);
+    int64_t j = 0;
+    for (; j + kStep <= n; j += kStep) {
+      Vec a, b;
+      load2(xb + j, kStep, a, b);
+      accumulate<VecOps>(at::vec::fmadd(a, scale, neg_m), s0, t0, kEntropy);
+      accumulate<VecOps>(at::vec::fmadd(b, scale, neg_m), s1, t1, kEntropy);
+    }
+    if (j < n) {  // tail: lanes past the row are set to -inf so they add exactly nothing
+      const int64_t count = n - j;
+      Vec a, b;
+      load2(xb + j, count, a, b);
+      const Vec ninf(kNegInf), lane = Vec::arange(0.f, 1.f);
+      a = Vec::blendv(ninf, at::vec::fmadd(a, scale, neg_m), lane < Vec(float(count)));
+      b = Vec::blendv(ninf, at::vec::fmadd(b, scale, neg_m), (lane + Vec(float(Vec::size()))) < Vec(float(count)));
+      accumulate<VecOps>(a, s0, t0, kEntropy);
+      accumulate<VecOps>(b, s1, t1, kEntropy);
     }
   }
   const auto sum = [](Vec& p, Vec& q) { return p + q; };
@@ -157,7 +167,6 @@ int64_t gather_logprobs_fwd_impl(const at::Tensor& logits, const at::Tensor& lab
   std::atomic<int64_t> first_bad{n_rows};
 
   at::parallel_for(0, n_rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-    alignas(64) float buf[kBlock];
     for (int64_t i = begin; i < end; ++i) {
       const T* row = x + i * row_stride;
       const int64_t label = y[i];
@@ -166,8 +175,8 @@ int64_t gather_logprobs_fwd_impl(const at::Tensor& logits, const at::Tensor& lab
         int64_t cur = first_bad.load();
         while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
       }
-      const logprobs::RowStats st = ent_out != nullptr ? fold_row<T, true>(row, vocab, inv_temp, buf)
-                                                       : fold_row<T, false>(row, vocab, inv_temp, buf);
+      const logprobs::RowStats st = ent_out != nullptr ? fold_row<T, true>(row, vocab, inv_temp)
+                                                       : fold_row<T, false>(row, vocab, inv_temp);
       const float row_lse = logprobs::row_lse(st);
       lse_out[i] = row_lse;
       const bool valid = keep && label >= 0 && label < vocab;

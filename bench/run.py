@@ -1,0 +1,142 @@
+"""Benchmark runner: every case of every op, every mode, every provider, side by side in one run.
+
+Each provider's outputs (and gradients) are checked against the reference before it is timed; a
+provider that fails the check is reported as such and not timed. Rows go to
+bench/results/<op>-<device>.csv and .json with the device, versions, commit and timestamp.
+
+    python bench/run.py                  # all cases
+    python bench/run.py --quick          # small cases, about a minute
+    python bench/run.py --update-readme  # also rewrite the README's performance table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import bench_gather_logprobs  # noqa: E402
+from bench.common import Row, environment, time_fn  # noqa: E402
+
+SUITES = {"gather_logprobs": bench_gather_logprobs}
+GRAD_RTOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _close(a, b, rtol, atol):
+    return a is None and b is None or (a is not None and b is not None and
+                                       torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol))
+
+
+def check(outputs, expected, dtype) -> bool:
+    lp, ent, grad = outputs
+    lp_r, ent_r, grad_r = expected
+    scale = grad_r.float().abs().max().item() if grad_r is not None else 1.0
+    return (_close(lp, lp_r, 1e-4, 1e-4) and _close(ent, ent_r, 1e-4, 1e-4)
+            and _close(grad, grad_r, GRAD_RTOL[dtype], 1e-3 * scale))
+
+
+def run_suite(name, module, device, quick):
+    rows = []
+    cases = module.QUICK_CASES if quick else module.CASES
+    for case in cases:
+        for mode in module.MODES:
+            expected = module.reference(case, mode, device)
+            for provider in module.providers(device):
+                setup = module.setup(provider, case, mode, device)
+                if setup is None:
+                    continue
+                fn, ran, outputs = setup
+                if outputs is not None and not check(outputs(), expected, case.dtype):
+                    print(f"  {name} {case.name} {mode} {provider}: WRONG RESULT, not timed", flush=True)
+                    rows.append(Row(name, case.name, mode, provider, ran, float("nan"), float("nan"),
+                                    float("nan"), {"check": "failed"}))
+                    continue
+                t = time_fn(fn, device, reps=5 if quick else 11)
+                rows.append(Row(name, case.name, mode, provider, ran, t.median_ms, t.q1_ms, t.q3_ms,
+                                module.derived(case, mode, t.median_ms)))
+                print(f"  {name} {case.name:28s} {mode:8s} {provider:18s} {t.median_ms:9.2f} ms "
+                      f"(IQR {t.q1_ms:.2f}-{t.q3_ms:.2f})", flush=True)
+            del expected
+    return rows
+
+
+def markdown(rows, env) -> str:
+    """One line per (case, mode): each provider's median and our speed-up over each baseline."""
+    by = {}
+    for r in rows:
+        by.setdefault((r.case, r.mode), {})[r.provider] = r
+    providers = []
+    for r in rows:
+        if r.provider not in providers:
+            providers.append(r.provider)
+    ours = [p for p in providers if p.startswith("rlhf_fast[")]
+    head = ["case", "mode"] + [f"{p} ms" for p in providers]
+    head += [f"{o} vs {b}" for o in ours for b in ("eager", "compile")] + [f"{o} / floor" for o in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (case, mode), got in by.items():
+        cells = [case, mode]
+        cells += [f"{got[p].median_ms:.1f}" if p in got else "" for p in providers]
+        for o in ours:
+            for b in ("eager", "compile"):
+                ok = o in got and b in got
+                cells.append(f"{got[b].median_ms / got[o].median_ms:.2f}x" if ok else "")
+        for o in ours:
+            ok = o in got and "floor" in got
+            cells.append(f"{got[o].median_ms / got['floor'].median_ms:.2f}" if ok else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, CPU kernels "
+                 f"{env['cpu_capability']}; commit {env['commit']}, {env['timestamp']}. Medians of "
+                 f"11 runs after warm-up; `floor` is one `logits.sum()` (forward memory floor).")
+    return "\n".join(lines)
+
+
+def update_readme(name, text, device):
+    readme = ROOT / "README.md"
+    start, end = f"<!-- bench:{name}:{device}:start -->", f"<!-- bench:{name}:{device}:end -->"
+    content = readme.read_text()
+    if start not in content:
+        print(f"README.md has no {start} marker; not updated")
+        return
+    before, rest = content.split(start, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(before + start + "\n" + text + "\n" + end + after)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", nargs="*", default=list(SUITES), help="which op suites to run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small cases, about a minute")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for CSV/JSON rows")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the README's tables")
+    args = ap.parse_args(argv)
+    env = environment(args.device)
+    print(f"rlhf_fast benchmarks on {env['device']} (torch {env['torch']}, CPU kernels {env['cpu_capability']})")
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.ops:
+        rows = run_suite(name, SUITES[name], args.device, args.quick)
+        flat = [r.flat(env) for r in rows]
+        base = Path(args.out) / f"{name}-{args.device}"
+        keys = sorted({k for row in flat for k in row})
+        with open(f"{base}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(flat)
+        Path(f"{base}.json").write_text(json.dumps(flat, indent=1))
+        table = markdown(rows, env)
+        print("\n" + table + "\n")
+        if args.update_readme and not args.quick:
+            update_readme(name, table, args.device)
+
+
+if __name__ == "__main__":
+    main()

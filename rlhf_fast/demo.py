@@ -48,13 +48,13 @@ def main(argv=None):
         labels = torch.randint(0, args.vocab, (args.tokens,), device=device)
         backend = rlhf_fast.select_backend("gather_logprobs", logits)
 
-        def ours():
+        def ours(logits=logits, labels=labels):
             x = logits.detach().requires_grad_(True)
             lp, ent = rlhf_fast.gather_logprobs(x, labels, return_entropy=True)
             (lp.sum() + 0.01 * ent.sum()).backward()
             return lp, x.grad
 
-        def plain():
+        def plain(logits=logits, labels=labels):
             x = logits.detach().requires_grad_(True)
             logp = torch.log_softmax(x.float(), dim=-1)
             lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)

@@ -38,7 +38,8 @@ def test_float64_falls_through_to_torch():
 
 @pytest.mark.skipif(not rlhf_fast.has_native(), reason="native extension not built")
 def test_explicit_backend_that_cannot_run_raises_with_reasons():
-    with pytest.raises(ValueError, match=r"backend 'cpu' \(from backend=\) cannot run: cpu does not support dtype torch.float64"):
+    msg = r"backend 'cpu' \(from backend=\) cannot run: cpu does not support dtype torch.float64"
+    with pytest.raises(ValueError, match=msg):
         rlhf_fast.select_backend("gather_logprobs", rows(torch.float64), backend="cpu")
     with pytest.raises(ValueError, match=r"backend 'cuda' \(from backend=\) cannot run: .*cuda"):
         rlhf_fast.gather_logprobs(rows(), torch.zeros(3, dtype=torch.long), backend="cuda")

@@ -14,10 +14,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_fwd_cpu(const at:
                                                                       const at::Tensor& labels,
                                                                       double temperature, int64_t ignore_index,
                                                                       bool return_entropy) {
-  check_rows(logits, "logits");
+  check_gather_logprobs_fwd(logits, labels, temperature);
   const int64_t n = logits.size(0), vocab = logits.size(1);
-  check_vector(labels, "labels", n, at::kLong, logits);
-  RLHF_FAST_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({n}, opts), lse = at::empty({n}, opts);
   at::Tensor entropy = at::empty({return_entropy ? n : 0}, opts);
@@ -33,15 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_fwd_cpu(const at:
 at::Tensor gather_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
                                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                    const at::Tensor& entropy, double temperature, int64_t ignore_index) {
-  check_rows(logits, "logits");
   const int64_t n = logits.size(0);
-  check_vector(labels, "labels", n, at::kLong, logits);
-  check_vector(lse, "lse", n, at::kFloat, logits);
-  check_vector(grad_logprobs, "grad_logprobs", n, at::kFloat, logits);
   at::Tensor g_ent;
-  if (grad_entropy.has_value() && grad_entropy->defined()) {
-    check_vector(*grad_entropy, "grad_entropy", n, at::kFloat, logits);
-    check_vector(entropy, "entropy", n, at::kFloat, logits);
+  if (check_gather_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature)) {
     g_ent = grad_entropy->contiguous();
   }
   at::Tensor grad_logits = empty_hugepage(logits.sizes(), logits.scalar_type());

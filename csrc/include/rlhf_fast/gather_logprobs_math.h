@@ -72,7 +72,7 @@ RLHF_FAST_HD void rescale(RowStats& st, float new_m) {
 
 // Fold one scaled logit into the statistics (scalar path: CUDA threads, CPU tails).
 RLHF_FAST_HD void push(RowStats& st, float z) {
-  if (!(z > -INFINITY)) return;  // -inf (or NaN-free masked) elements carry no mass
+  if (z == -INFINITY) return;  // masked elements carry no mass; NaN propagates into s
   if (z > st.m) {
     rescale(st, z);
     st.s += 1.f;  // exp(z - m) with m == z; t gains 1 * 0

@@ -49,6 +49,9 @@ def eager_logprobs_entropy(logits, labels):
 
 
 _compiled = {}
+# Every (case, mode) is a new specialisation of the same function (shape, dtype, grad mode): allow
+# enough recompiles that the compile provider never silently falls back to eager.
+torch._dynamo.config.recompile_limit = 64
 
 
 def providers(device: str) -> list[str]:

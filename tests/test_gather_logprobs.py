@@ -248,3 +248,68 @@ def test_reference_backward_matches_autograd(dtype):
                                           ignore_index=IGNORE)
     assert manual.dtype == dtype
     assert_close(manual, auto, "grad_logits", **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_max_far_from_first_block(backend, dtype):
+    """Rows whose maximum sits far beyond their first blocks (rising ramps, a late spike, a huge
+    range), so every online-softmax rescaling path runs."""
+    vocab = 9000
+    logits = torch.randn(4, vocab)
+    logits[0] += torch.linspace(-60, 60, vocab)     # max keeps rising block after block
+    logits[1, 8500] = 70.0                          # one late spike far above everything before it
+    logits[2] = torch.linspace(-300, 300, vocab)    # range far beyond exp's fp32 range
+    logits[3, :4000] = float("-inf")                # mass starts only in a later block
+    logits = logits.to(dtype)
+    labels = torch.tensor([vocab - 1, 8500, 10, 4500])
+    (lp, ent, grad), (lp_r, ent_r, grad_r) = run_both(logits, labels, backend)
+    assert_close(lp, lp_r, "logprobs", **OUT_TOL)
+    assert_close(ent, ent_r, "entropy", **OUT_TOL)
+    assert_close(grad, grad_r, "grad_logits", **GRAD_TOL[dtype])
+
+
+CAPABILITY_CHECK = r"""
+import torch, rlhf_fast
+from rlhf_fast.reference import gather_logprobs_ref
+assert rlhf_fast.cpu_capability() == "{cap}", rlhf_fast.cpu_capability()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for vocab in (1, 37, 5000, 40001):
+        x = (torch.randn(6, vocab) * 5).to(dtype)
+        x[1] = float("-inf")
+        if vocab > 3000:
+            x[2, :3000] = float("-inf")
+            x[3] += torch.linspace(-50, 50, vocab).to(dtype)
+        y = torch.randint(0, vocab, (6,))
+        y[0] = -100
+        xg = x.clone().requires_grad_(True)
+        lp, ent = rlhf_fast.gather_logprobs(xg, y, temperature=0.9, return_entropy=True, backend="cpu")
+        g1, g2 = torch.randn(6), torch.randn(6)
+        (lp * g1 + ent * g2).sum().backward()
+        xr = x.clone().requires_grad_(True)
+        lr, er, _ = gather_logprobs_ref(xr, y, temperature=0.9, return_entropy=True)
+        (lr * g1 + er * g2).sum().backward()
+        fin = torch.isfinite(lr)
+        assert torch.equal(fin, torch.isfinite(lp)), (dtype, vocab)
+        assert torch.allclose(lp[fin], lr[fin], atol=5e-5, rtol=5e-5), (dtype, vocab)
+        assert torch.allclose(ent, er, atol=5e-5, rtol=5e-5), (dtype, vocab)
+        tol = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+        assert torch.allclose(xg.grad.float(), xr.grad.float(), atol=1e-5, rtol=tol), (dtype, vocab)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not rlhf_fast.has_native(), reason="native extension not built")
+@pytest.mark.parametrize("cap", ["AVX2", "DEFAULT"])
+def test_other_simd_builds(cap):
+    """The AVX2 and scalar-fallback builds of the CPU kernels (this machine runs the best one by
+    default), selected the way ATen selects its own: ATEN_CPU_CAPABILITY."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
+    out = subprocess.run([sys.executable, "-c", CAPABILITY_CHECK.replace("{cap}", cap)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr

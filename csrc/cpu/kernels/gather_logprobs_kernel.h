@@ -1,9 +1,9 @@
 // CPU kernels of gather_logprobs, compiled once per SIMD capability (see csrc/cpu/dispatch.h).
 //
-// Forward, one row at a time, in blocks of kBlock elements that stay in L1: pass 1 takes the block's
-// max; pass 2 re-reads the block from L1 and folds it into lane-wise running sums of exp(z - m)
-// (and exp(z - m) * (z - m) for the entropy). The logits are read from memory once; there is one
-// exp per element plus one per block whose max rises.
+// Forward, one row at a time, in blocks of kBlock elements: each block is folded into lane-wise
+// sums of exp(z - m) (and exp(z - m) * (z - m) for the entropy) against a reference point m that
+// moves only when a block's max jumps far above it (see fold_row). The logits are read from
+// memory once, with one exp per element.
 // Backward, one row at a time: recompute p = exp(z - lse) from the logits and the saved lse, write
 // the gradient once in the logits' dtype. The row math is shared with the CUDA kernels through
 // rlhf_fast/gather_logprobs_math.h.
@@ -28,11 +28,56 @@ inline namespace CPU_CAPABILITY {
 
 using Vec = at::vec::Vectorized<float>;
 
+// exp(x) for the arguments the softmax math produces: x <= kSlack (16) or -inf,
+// where exp(-inf) must be exactly 0 (it multiplies -FLT_MAX in the entropy sums). Same reduction
+// and degree-5 polynomial as ATen's exp_u20 (~1e-6 relative error, far below a log-prob's fp32
+// tolerance), without its overflow handling: ~10 vector ops instead of ~19. The forward is bound by
+// this exp, so it sets how close the forward gets to one read of the logits.
+inline Vec exp_bounded(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  using R = __m512;
+#define RLHF_OP(name) _mm512_##name
+#else
+  using R = __m256;
+#define RLHF_OP(name) _mm256_##name
+#endif
+  const R c1 = RLHF_OP(set1_ps)(0.999999701f), c2 = RLHF_OP(set1_ps)(0.499991506f),
+          c3 = RLHF_OP(set1_ps)(0.166676521f), c4 = RLHF_OP(set1_ps)(0.0418978221f),
+          c5 = RLHF_OP(set1_ps)(0.00828929059f), one = RLHF_OP(set1_ps)(1.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  // Below -110, 2^n underflows to exactly 0 in scalef; -inf is clamped there too.
+  const R v = _mm512_max_ps(x, _mm512_set1_ps(-110.f));
+  const R n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504089f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  // 2^n is built from exponent bits, valid for n >= -126: clamp there, then zero what was below.
+  const R v = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const R n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504089f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+  const R r = RLHF_OP(fnmadd_ps)(n, RLHF_OP(set1_ps)(0.693147181f), v);  // x - n ln2, |r| <= ln2 / 2
+  R p = RLHF_OP(fmadd_ps)(r, c5, c4);
+  p = RLHF_OP(fmadd_ps)(r, p, c3);
+  p = RLHF_OP(fmadd_ps)(r, p, c2);
+  p = RLHF_OP(fmadd_ps)(r, p, c1);
+  p = RLHF_OP(fmadd_ps)(r, p, one);
+#undef RLHF_OP
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_scalef_ps(p, n));  // p * 2^n
+#else
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const R res = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return Vec(_mm256_and_ps(res, _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ)));
+#endif
+#else
+  return x.exp_u20();
+#endif
+}
+
 struct VecOps {
   using F = Vec;
-  // ~1e-6 relative error (ATen's flash attention uses the same), far below the fp32 tolerance of
-  // a log-prob and about twice as fast as Sleef's 1-ulp exp.
-  static Vec exp(const Vec& x) { return x.exp_u20(); }
+  static Vec exp(const Vec& x) { return exp_bounded(x); }
   static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
   static Vec splat(float x) { return Vec(x); }
 };
@@ -83,6 +128,33 @@ inline void store2(T* p, int64_t count, const Vec& a, const Vec& b) {
   }
 }
 
+// Lane-wise max that does not propagate NaN (one instruction); NaN logits still reach the sums
+// through exp and come out as a NaN lse.
+inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
+
+// Two fp32 vectors holding the kStep elements at p in SOME order, for reductions only. bf16 is
+// the upper half of an fp32, so the even elements are (word << 16) and the odd ones
+// (word & 0xffff0000): two instructions instead of an in-order widening.
+template <typename T>
+inline void load2_unordered(const T* p, Vec& a, Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m512i w = _mm512_loadu_si512(p);
+    a = Vec(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    b = Vec(_mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u)))));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = Vec(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    b = Vec(_mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u)))));
+    return;
+  }
+#endif
+  load2(p, kStep, a, b);
+}
+
 // Max of x[0:n) (unscaled; the scale 1/T > 0 commutes with max).
 template <typename T>
 inline float block_max(const T* x, int64_t n) {
@@ -91,59 +163,87 @@ inline float block_max(const T* x, int64_t n) {
   int64_t j = 0;
   for (; j + kStep <= n; j += kStep) {
     Vec a, b;
-    load2(x + j, kStep, a, b);
-    mx0 = at::vec::maximum(mx0, a);
-    mx1 = at::vec::maximum(mx1, b);
+    load2_unordered(x + j, a, b);
+    mx0 = vmax(mx0, a);
+    mx1 = vmax(mx1, b);
   }
-  float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
-                                           at::vec::maximum(mx0, mx1));
+  float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return vmax(p, q); }, vmax(mx0, mx1));
   for (; j < n; ++j) m = std::max(m, float(x[j]));
   return m;
 }
 
-// One read of the row from memory, in L1-sized blocks: the block's max first, then (re-reading the
-// block from L1) the sums relative to the running max. One exp per element, plus one per block
-// whose max raises the running max.
+// Sums of one block against the reference point m: s += exp(z - m), t += exp(z - m) * (z - m),
+// z = x / T. Returns the block's max of z, found in the same pass.
+template <typename T, bool kEntropy>
+inline float fold_block(const T* xb, int64_t n, float inv_temp, float m, Vec& s0, Vec& s1, Vec& t0, Vec& t1) {
+  using logprobs::accumulate;
+  const Vec scale(inv_temp);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const Vec neg_m(-m), ninf(kNegInf);
+  Vec mx0 = ninf, mx1 = ninf;
+  int64_t j = 0;
+  for (; j + kStep <= n; j += kStep) {
+    Vec a, b;
+    load2_unordered(xb + j, a, b);
+    mx0 = vmax(mx0, a);
+    mx1 = vmax(mx1, b);
+    accumulate<VecOps>(at::vec::fmadd(a, scale, neg_m), s0, t0, kEntropy);
+    accumulate<VecOps>(at::vec::fmadd(b, scale, neg_m), s1, t1, kEntropy);
+  }
+  if (j < n) {  // tail: lanes past the row are set to -inf so they add exactly nothing
+    const int64_t count = n - j;
+    Vec a, b;
+    load2(xb + j, count, a, b);
+    const Vec lane = Vec::arange(0.f, 1.f);
+    a = Vec::blendv(ninf, a, lane < Vec(float(count)));
+    b = Vec::blendv(ninf, b, (lane + Vec(float(Vec::size()))) < Vec(float(count)));
+    mx0 = vmax(mx0, a);
+    mx1 = vmax(mx1, b);
+    accumulate<VecOps>(at::vec::fmadd(a, scale, neg_m), s0, t0, kEntropy);
+    accumulate<VecOps>(at::vec::fmadd(b, scale, neg_m), s1, t1, kEntropy);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return vmax(p, q); }, vmax(mx0, mx1)) * inv_temp;
+}
+
+// How far a block's max may rise above the reference point before the block is folded again
+// against its own max: exp(kSlack) = 8.9e6 per element keeps the sums far from fp32 overflow
+// (V * 8.9e6 << 3.4e38) at full relative precision.
+constexpr float kSlack = 16.f;
+
+// One read of the row from memory, one exp per element. The reference point m is the first block's
+// max; later blocks are folded against it in a single pass that also finds their max, and only a
+// block whose max exceeds m by more than kSlack is folded again (L1-hot) against its own max.
+// The result does not depend on m: lse = m + log s and entropy = log s - t / s.
 template <typename T, bool kEntropy>
 inline logprobs::RowStats fold_row(const T* x, int64_t vocab, float inv_temp) {
-  using logprobs::accumulate;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float m = kNegInf;  // running max of z = x / T
+  float m = kNegInf;
   Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
-  const Vec scale(inv_temp);
   for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
     const T* xb = x + b0;
     const int64_t n = std::min(kBlock, vocab - b0);
-    const float bmax = block_max(xb, n) * inv_temp;
-    if (!(bmax > kNegInf)) continue;  // an all -inf block carries no mass
-    if (bmax > m) {
-      if (m > kNegInf) {  // online softmax: move the running sums to the new max
-        const float shift = m - bmax;
-        const Vec a(std::exp(shift)), sh(shift);
-        t0 = a * (t0 + s0 * sh);
-        t1 = a * (t1 + s1 * sh);
-        s0 = s0 * a;
-        s1 = s1 * a;
-      }
+    if (!(m > kNegInf)) {
+      m = block_max(xb, n) * inv_temp;
+      if (!(m > kNegInf)) continue;  // all -inf so far: no mass yet
+    }
+    Vec bs0(0.f), bs1(0.f), bt0(0.f), bt1(0.f);
+    const float bmax = fold_block<T, kEntropy>(xb, n, inv_temp, m, bs0, bs1, bt0, bt1);
+    if (bmax > m + kSlack) {  // online softmax: move the running sums up to the new max, refold
+      const float shift = m - bmax;
+      const Vec a(std::exp(shift)), sh(shift);
+      t0 = a * (t0 + s0 * sh);
+      t1 = a * (t1 + s1 * sh);
+      s0 = s0 * a;
+      s1 = s1 * a;
       m = bmax;
+      bs0 = bs1 = bt0 = bt1 = Vec(0.f);
+      fold_block<T, kEntropy>(xb, n, inv_temp, m, bs0, bs1, bt0, bt1);
     }
-    const Vec neg_m(-m);
-    int64_t j = 0;
-    for (; j + kStep <= n; j += kStep) {
-      Vec a, b;
-      load2(xb + j, kStep, a, b);
-      accumulate<VecOps>(at::vec::fmadd(a, scale, neg_m), s0, t0, kEntropy);
-      accumulate<VecOps>(at::vec::fmadd(b, scale, neg_m), s1, t1, kEntropy);
-    }
-    if (j < n) {  // tail: lanes past the row are set to -inf so they add exactly nothing
-      const int64_t count = n - j;
-      Vec a, b;
-      load2(xb + j, count, a, b);
-      const Vec ninf(kNegInf), lane = Vec::arange(0.f, 1.f);
-      a = Vec::blendv(ninf, at::vec::fmadd(a, scale, neg_m), lane < Vec(float(count)));
-      b = Vec::blendv(ninf, at::vec::fmadd(b, scale, neg_m), (lane + Vec(float(Vec::size()))) < Vec(float(count)));
-      accumulate<VecOps>(a, s0, t0, kEntropy);
-      accumulate<VecOps>(b, s1, t1, kEntropy);
+    s0 = s0 + bs0;
+    s1 = s1 + bs1;
+    if (kEntropy) {
+      t0 = t0 + bt0;
+      t1 = t1 + bt1;
     }
   }
   const auto sum = [](Vec& p, Vec& q) { return p + q; };

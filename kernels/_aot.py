@@ -61,6 +61,7 @@ class KernelSpec:
     num_warps: int
     num_stages: int
     shapes: list[str] = field(default_factory=list)  # the shapes this configuration serves
+    requires_tensor_cores: bool = False  # a tl.dot kernel: its SASS must use tensor-core MMA
 
     @property
     def label(self) -> str:
@@ -122,6 +123,11 @@ class KernelReport:
     stg_widths: tuple[int, ...]  # widths in bits of the global stores
     tensor_core_ops: tuple[str, ...]  # tensor-core mnemonics found in the SASS
     sass_instructions: int
+    requires_tensor_cores: bool = False
+
+    @property
+    def missing_tensor_cores(self) -> bool:
+        return self.requires_tensor_cores and not self.tensor_core_ops
 
     @property
     def spills(self) -> bool:
@@ -193,7 +199,8 @@ def arch_name(capability: int) -> str:
     return f"sm_{capability}{'a' if capability >= 90 else ''}"
 
 
-def inspect_compiled(kernel, label: str, num_warps: int, num_stages: int) -> KernelReport:
+def inspect_compiled(kernel, label: str, num_warps: int, num_stages: int,
+                     requires_tensor_cores: bool = False) -> KernelReport:
     cubin = kernel.asm["cubin"]
     res = _cuobjdump(cubin, "-res-usage")
     match = _RES_USAGE.search(res)
@@ -212,7 +219,7 @@ def inspect_compiled(kernel, label: str, num_warps: int, num_stages: int) -> Ker
         num_warps=num_warps, num_stages=num_stages, registers=reg, local_bytes=local, stack_bytes=stack,
         static_shared_bytes=shared, dynamic_shared_bytes=int(kernel.metadata.shared),
         ldg_widths=tuple(sorted(loads)), stg_widths=tuple(sorted(stores)), tensor_core_ops=tuple(tensor_ops),
-        sass_instructions=len(_SASS_INSTRUCTION.findall(sass)))
+        sass_instructions=len(_SASS_INSTRUCTION.findall(sass)), requires_tensor_cores=requires_tensor_cores)
 
 
 def inspect_specs(specs, archs=DEFAULT_ARCHS) -> list[KernelReport]:
@@ -221,7 +228,8 @@ def inspect_specs(specs, archs=DEFAULT_ARCHS) -> list[KernelReport]:
     for spec in specs:
         for cap in archs:
             kernel = compile_spec(spec, cap)
-            reports.append(inspect_compiled(kernel, spec.label, spec.num_warps, spec.num_stages))
+            reports.append(inspect_compiled(kernel, spec.label, spec.num_warps, spec.num_stages,
+                                            spec.requires_tensor_cores))
     return reports
 
 
@@ -230,10 +238,20 @@ def inspect_specs(specs, archs=DEFAULT_ARCHS) -> list[KernelReport]:
 # ---------------------------------------------------------------------------------------------
 
 def all_specs() -> list[KernelSpec]:
-    """The AOT specs of every op with Triton kernels."""
-    from rlhf_fast.kernels import gather_logprobs
+    """The AOT specs of every op with Triton kernels: every rlhf_fast.kernels module with aot_specs()."""
+    import importlib
+    import pkgutil
 
-    return list(gather_logprobs.aot_specs())
+    import rlhf_fast.kernels as package
+
+    specs: list[KernelSpec] = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"rlhf_fast.kernels.{info.name}")
+        if hasattr(module, "aot_specs"):
+            specs += list(module.aot_specs())
+    return specs
 
 
 def format_table(reports: list[KernelReport]) -> str:
@@ -269,15 +287,17 @@ def main(argv=None) -> int:
         import dataclasses
         import json
 
-        print(json.dumps([dict(dataclasses.asdict(r), spills=r.spills, ldg128=r.ldg128,
-                               shared_bytes=r.shared_bytes) for r in reports], indent=1))
+        print(json.dumps([dict(dataclasses.asdict(r), spills=r.spills, ldg128=r.ldg128, shared_bytes=r.shared_bytes,
+                               missing_tensor_cores=r.missing_tensor_cores) for r in reports], indent=1))
     else:
         print(format_table(reports))
     spilled = [f"{r.spec} on {r.arch}" for r in reports if r.spills]
+    no_mma = [f"{r.spec} on {r.arch}" for r in reports if r.missing_tensor_cores]
     if spilled:
         print("register spills in: " + "; ".join(spilled), file=sys.stderr)
-        return 1
-    return 0
+    if no_mma:
+        print("no tensor-core instructions in: " + "; ".join(no_mma), file=sys.stderr)
+    return 1 if spilled or no_mma else 0
 
 
 if __name__ == "__main__":

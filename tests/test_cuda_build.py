@@ -1,8 +1,9 @@
 """Compile-only check of the CUDA kernels with nvcc: no GPU needed, skipped without nvcc.
 
-csrc/cuda/gather_logprobs.cu is compiled once (`nvcc -c`, no link) for sm_80 and sm_90 with the flags
-setup.py's CUDAExtension uses, and ptxas's report (`-Xptxas -v`) is read: every kernel, every dtype
-and every arch must be there and build without register spills. Run with `-s` to see the nvcc command
+Every csrc/cuda/*.cu is compiled once (`nvcc -c`, no link) for sm_80 and sm_90 with the flags
+setup.py's CUDAExtension uses, and ptxas's report (`-Xptxas -v`) is read: every kernel of every
+file must build for every arch without register spills, and the kernels listed in KERNELS must be
+there for every dtype. Run with `-s` to see the nvcc command
 and the registers per kernel.
 
 With a CPU-only torch (the development machines) the c10/cuda headers are shipped but the generated
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "cuda" / "gather_logprobs.cu"
+SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")
 # setup.py: CUDAExtension(extra_compile_args={"nvcc": [...]})
 SETUP_NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
@@ -32,7 +33,8 @@ FALLBACK_COMMON_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_
                               "--expt-relaxed-constexpr"]
 # gather_logprobs_fwd_kernel<T, threads per row, block threads>: warp per row and block per row;
 # gather_logprobs_bwd_kernel<T, with entropy>: with and without the entropy gradient.
-KERNELS = {"gather_logprobs_fwd_kernel": 2, "gather_logprobs_bwd_kernel": 2}
+# Per source file: kernel name -> number of template variants expected per dtype.
+KERNELS = {"gather_logprobs.cu": {"gather_logprobs_fwd_kernel": 2, "gather_logprobs_bwd_kernel": 2}}
 DTYPES = {"float": "If", "bfloat16": "IN3c108BFloat16E", "float16": "IN3c104HalfE"}
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,7 @@ class KernelReport:
 
 @dataclass
 class Build:
+    source: Path
     command: list
     returncode: int
     output: str
@@ -106,8 +109,18 @@ def demangle(names):
     return short
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
+_BUILDS = {}
+
+
+@pytest.fixture(scope="module", params=SOURCES, ids=lambda p: p.name)
+def build(request, tmp_path_factory):
+    source = request.param
+    if source not in _BUILDS:
+        _BUILDS[source] = compile_source(source, tmp_path_factory.mktemp("nvcc"))
+    return _BUILDS[source]
+
+
+def compile_source(source, out_dir):
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (neither on PATH nor in $CUDA_HOME/bin): the CUDA sources cannot be compiled here")
@@ -119,33 +132,34 @@ def build(tmp_path_factory):
     if not any((Path(d) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for d in include_dirs):
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # CPU-only torch, see the module docstring
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
-    out = tmp_path_factory.mktemp("nvcc") / "gather_logprobs.o"
-    command = ([nvcc, "-c", str(SOURCE), "-o", str(out)] + [f"-I{d}" for d in include_dirs] + common + defines
+    out = out_dir / (source.stem + ".o")
+    command = ([nvcc, "-c", str(source), "-o", str(out)] + [f"-I{d}" for d in include_dirs] + common + defines
                + ["--compiler-options", "-fPIC"] + SETUP_NVCC_FLAGS + gencode
                + ["-Xptxas", "-v", "--threads", "0"])  # --threads 0: one ptxas per arch in parallel
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
-    result = Build(command, proc.returncode, output, seconds, parse_ptxas(output))
+    result = Build(source, command, proc.returncode, output, seconds, parse_ptxas(output))
     print(f"\n{' '.join(command)}\nnvcc: exit {proc.returncode} after {seconds:.1f} s")
     return result
 
 
-def test_nvcc_compiles_gather_logprobs(build):
+def test_nvcc_compiles(build):
     assert build.returncode == 0, "nvcc failed:\n" + build.output[-6000:]
 
 
 def test_no_warnings_in_our_source(build):
-    ours = [line for line in build.output.splitlines() if SOURCE.name in line and "warning" in line.lower()]
+    ours = [line for line in build.output.splitlines() if build.source.name in line and "warning" in line.lower()]
     assert not ours, "\n".join(ours)
 
 
 def test_every_kernel_is_built_for_every_arch(build):
-    assert build.returncode == 0, "nvcc failed, see test_nvcc_compiles_gather_logprobs"
+    assert build.returncode == 0, "nvcc failed, see test_nvcc_compiles"
     for arch in ARCHS:
         names = [k.mangled for k in build.kernels if k.arch == arch]
-        for kernel, variants in KERNELS.items():
+        assert names, f"{arch}: no kernel in {build.source.name}"
+        for kernel, variants in KERNELS.get(build.source.name, {}).items():
             for dtype, code in DTYPES.items():
                 found = [n for n in names if kernel + code in n]
                 assert len(found) == variants, f"{arch}: expected {variants} {kernel} for {dtype}, got {found}"
@@ -153,7 +167,7 @@ def test_every_kernel_is_built_for_every_arch(build):
 
 
 def test_no_register_spills(build):
-    assert build.returncode == 0, "nvcc failed, see test_nvcc_compiles_gather_logprobs"
+    assert build.returncode == 0, "nvcc failed, see test_nvcc_compiles"
     assert build.kernels, "no ptxas report in nvcc's output:\n" + build.output[-3000:]
     names = demangle([k.mangled for k in build.kernels])
     width = max(len(n) for n in names)

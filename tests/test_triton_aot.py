@@ -2,7 +2,7 @@
 
 Runs ``python -m rlhf_fast.kernels._aot --json`` in a subprocess with TRITON_INTERPRET removed (under
 the interpreter @triton.jit gives objects that cannot be compiled), then checks every configuration
-the gather_logprobs launchers use: it compiles for both archs, spills nothing, and its report is
+the launchers of every op use: it compiles for both archs, spills nothing, and its report is
 well-formed. Compiles are cached by triton (~/.triton/cache): ~35 s cold, ~15 s warm on 2 cores.
 """
 
@@ -30,9 +30,9 @@ def _env_without_interpreter() -> dict[str, str]:
 
 def _expected_labels() -> set[str]:
     # Building the specs compiles nothing, so this also works in a TRITON_INTERPRET=1 test process.
-    from rlhf_fast.kernels import gather_logprobs
+    from rlhf_fast.kernels._aot import all_specs
 
-    return {spec.label for spec in gather_logprobs.aot_specs()}
+    return {spec.label for spec in all_specs()}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,17 @@ def test_no_register_spills(reports):
 def test_reports_are_well_formed(reports):
     for r in reports:
         where = f"{r['spec']} on {r['arch']}"
-        assert r["kernel"] in ("_gather_logprobs_fwd_kernel", "_gather_logprobs_bwd_kernel"), where
+        assert r["kernel"].startswith("_") and r["kernel"].endswith("_kernel"), where
         assert 0 < r["registers"] <= 255, where
         assert r["num_warps"] in (1, 2, 4, 8, 16, 32), where
         assert r["shared_bytes"] == r["static_shared_bytes"] + r["dynamic_shared_bytes"] >= 0, where
-        assert r["shared_bytes"] <= 48 * 1024, where  # a reduction scratch, not a staged tile
+        assert r["shared_bytes"] <= 228 * 1024, where  # fits an H100 SM
         assert r["ldg_widths"] and r["stg_widths"], f"{where}: no global loads/stores found in the SASS"
         assert set(r["ldg_widths"]) <= {8, 16, 32, 64, 128} and set(r["stg_widths"]) <= {8, 16, 32, 64, 128}
-        assert r["tensor_core_ops"] == [], f"{where}: unexpected tensor-core instructions (no tl.dot here)"
+        if r["requires_tensor_cores"]:
+            assert r["tensor_core_ops"], f"{where}: a tl.dot kernel without tensor-core MMA instructions"
+        else:
+            assert r["tensor_core_ops"] == [], f"{where}: unexpected tensor-core instructions (no tl.dot here)"
         assert r["sass_instructions"] > 0, where
         if ALIGNED_VOCAB in r["spec"]:
             assert r["ldg128"], f"{where}: rows are 16-byte aligned but loads are {r['ldg_widths']} bits"

@@ -5,7 +5,7 @@
 
 #include <rlhf_fast/checks.h>
 
-#include "dispatch.h"
+#include "kernels/gather_logprobs.h"
 #include "hugepage_alloc.h"
 
 namespace rlhf_fast::cpu {
@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_fwd_cpu(const at:
   at::Tensor entropy = at::empty({return_entropy ? n : 0}, opts);
   if (n == 0) return {logprobs, entropy, lse};
   const at::Tensor y = labels.contiguous();
-  const int64_t bad = kernels().gather_logprobs_fwd(logits, y, float(1.0 / temperature), ignore_index, logprobs,
+  const int64_t bad = gather_logprobs_fwd_stub()()(logits, y, float(1.0 / temperature), ignore_index, logprobs,
                                                     return_entropy ? &entropy : nullptr, lse);
   RLHF_FAST_CHECK(bad < 0, "labels: expected values in [0, ", vocab, ") or ignore_index=", ignore_index,
                   ", got ", bad < 0 ? 0 : y[bad].item<int64_t>(), " at flat position ", bad);
@@ -38,9 +38,18 @@ at::Tensor gather_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::o
   }
   at::Tensor grad_logits = empty_hugepage(logits.sizes(), logits.scalar_type());
   if (n == 0) return grad_logits;
-  kernels().gather_logprobs_bwd(grad_logprobs.contiguous(), g_ent, logits, labels.contiguous(), lse.contiguous(),
+  gather_logprobs_bwd_stub()()(grad_logprobs.contiguous(), g_ent, logits, labels.contiguous(), lse.contiguous(),
                                 entropy.contiguous(), float(1.0 / temperature), ignore_index, grad_logits);
   return grad_logits;
+}
+
+TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
+  // logits (N, V) unit stride along V, labels (N,) int64 -> (logprobs (N,), entropy (N,) or (0,), lse (N,))
+  m.def("gather_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+        "bool return_entropy) -> (Tensor, Tensor, Tensor)");
+  // -> grad_logits (N, V) contiguous, dtype of logits
+  m.def("gather_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+        "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {

@@ -2,7 +2,7 @@
 
 from rlhf_fast._native import cpu_capability, has_native
 from rlhf_fast.backends import BACKENDS, backends_available, select_backend
-from rlhf_fast.ops import gather_logprobs
+from rlhf_fast.ops import gather_logprobs, linear_logprobs
 
 __version__ = "0.1.0"
 
@@ -12,5 +12,6 @@ __all__ = [
     "cpu_capability",
     "gather_logprobs",
     "has_native",
+    "linear_logprobs",
     "select_backend",
 ]

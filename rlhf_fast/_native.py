@@ -23,6 +23,16 @@ def has_native_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_fast_C::{op}", dispatch_key)
 
 
+# Fixed once _C is loaded; computed here so that backend selection, which torch.compile traces,
+# never calls into the dispatcher.
+_BUILT_WITH_CUDA = has_native_kernel("gather_logprobs_fwd", "CUDA")
+
+
+def built_with_cuda() -> bool:
+    """Whether rlhf_fast._C was built with its CUDA kernels (the foundation op tells)."""
+    return _BUILT_WITH_CUDA
+
+
 def cpu_capability() -> str | None:
     """SIMD variant of the CPU kernels in use ("AVX512", "AVX2", "DEFAULT"), None without _C."""
     return torch.ops.rlhf_fast_C.cpu_capability() if NATIVE_ERROR is None else None

@@ -37,6 +37,8 @@ PREFERENCE = {
 DEFAULT_PREFERENCE = ("torch",)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Native backends run rlhf_fast_C::<op>_fwd; its kernel for this dispatch key must exist.
+NATIVE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def triton_interpret() -> bool:
@@ -65,8 +67,7 @@ class Backend:
         reasons: list[str] = []
         if self.name in ("cpu", "cuda") and not _native.has_native():
             reasons.append(_native.NATIVE_ERROR or "native extension missing")
-        if self.name == "cuda" and _native.has_native() and not _native.has_native_kernel(
-                "gather_logprobs_fwd", "CUDA"):
+        if self.name == "cuda" and _native.has_native() and not _native.built_with_cuda():
             reasons.append("rlhf_fast._C was built without CUDA kernels (CPU-only torch or no nvcc)")
         if self.name == "cuda" and not torch.cuda.is_available():
             reasons.append("torch.cuda.is_available() is False")
@@ -103,6 +104,7 @@ class OpImpl:
     forward: Callable
     backward: Callable | None = None
     limits: Callable[..., list[str]] | None = None
+    missing: str | None = None  # why a native backend cannot run this op (no kernel built), fixed at registration
 
 
 @dataclass
@@ -114,12 +116,18 @@ class OpRegistry:
                  limits: Callable[..., list[str]] | None = None) -> None:
         if backend not in BACKEND_INFO:
             raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
-        self.impls[backend] = OpImpl(forward, backward, limits)
+        missing = None
+        if backend in NATIVE_KEYS and _native.has_native() and not _native.has_native_kernel(
+                f"{self.name}_fwd", NATIVE_KEYS[backend]):
+            missing = f"rlhf_fast._C has no {backend} kernel for {self.name}"
+        self.impls[backend] = OpImpl(forward, backward, limits, missing)
 
     def reasons(self, backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
         if backend not in self.impls:
             return [f"{self.name} has no {backend} implementation"]
         reasons = BACKEND_INFO[backend].reasons(tensors)
+        if not reasons and self.impls[backend].missing:
+            reasons.append(self.impls[backend].missing)
         limits = self.impls[backend].limits
         if not reasons and limits is not None:
             reasons += limits(*tensors)

@@ -70,3 +70,47 @@ def gather_logprobs_backward_ref(grad_logprobs: Tensor, grad_entropy: Tensor | N
         g_h = torch.where(live, grad_entropy.float(), torch.zeros_like(lse)).unsqueeze(-1)
         grad = grad - g_h * p * (logp + entropy.float().unsqueeze(-1))
     return (grad / temperature).to(logits.dtype)
+
+
+def linear_logits_ref(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      logit_softcap: float | None = None) -> Tensor:
+    """fp32 logits of an lm_head: ``hidden @ weight.T + bias``, then Gemma-style soft-capping
+    ``c * tanh(logits / c)`` when ``logit_softcap = c`` is given. hidden (N, H), weight (V, H)."""
+    logits = hidden.float() @ weight.float().t()                         # (N, V)
+    if bias is not None:
+        logits = logits + bias.float()
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits
+
+
+def linear_logprobs_ref(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                        temperature: float = 1.0, logit_softcap: float | None = None, ignore_index: int = -100,
+                        return_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+    """gather_logprobs_ref of the lm_head's logits (materialized in fp32): the ground truth of
+    linear_logprobs. hidden (N, H), weight (V, H), labels (N,). Returns (logprobs, entropy, lse)."""
+    return gather_logprobs_ref(linear_logits_ref(hidden, weight, bias, logit_softcap), labels,
+                               temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+def linear_logprobs_backward_ref(grad_logprobs: Tensor, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor,
+                                 bias: Tensor | None, labels: Tensor, lse: Tensor, entropy: Tensor | None, *,
+                                 temperature: float = 1.0, logit_softcap: float | None = None,
+                                 ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of linear_logprobs_ref w.r.t. hidden, weight and bias (in their dtypes).
+
+    With raw logits l = hidden @ weight.T + bias, capped c = C tanh(l / C) and z = c / T, the
+    gradient w.r.t. z is gather_logprobs_backward_ref's; then dL/dl = dL/dz * (1 - tanh(l / C)^2)
+    (1 without a cap), dL/dhidden = dL/dl @ weight, dL/dweight = dL/dl.T @ hidden,
+    dL/dbias = sum over rows of dL/dl.
+    """
+    raw = linear_logits_ref(hidden, weight, bias)                        # (N, V) fp32
+    capped = raw if logit_softcap is None else logit_softcap * torch.tanh(raw / logit_softcap)
+    grad = gather_logprobs_backward_ref(grad_logprobs, grad_entropy, capped, labels, lse, entropy,
+                                        temperature=temperature, ignore_index=ignore_index)
+    if logit_softcap is not None:
+        grad = grad * (1 - torch.tanh(raw / logit_softcap) ** 2)
+    grad_hidden = (grad @ weight.float()).to(hidden.dtype)
+    grad_weight = (grad.t() @ hidden.float()).to(weight.dtype)
+    grad_bias = None if bias is None else grad.sum(0).to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

@@ -7,3 +7,4 @@
 #endif
 
 #include "../kernels/gather_logprobs_kernel.h"
+#include "../kernels/linear_logprobs_kernel.h"

@@ -26,14 +26,54 @@ def _demo(args) -> int:
     return 0
 
 
+def _source_root():
+    """The source checkout holding bench/ (an editable install); None for an installed wheel."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "bench" / "run.py").is_file() else None
+
+
+def _bench(args) -> int:
+    root = _source_root()
+    if root is None:
+        print("rlhf-fast bench runs the suites in bench/ of a source checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench import run
+
+    run.main(args.rest)
+    return 0
+
+
+def _inspect(args) -> int:
+    import os
+    import subprocess
+
+    # Triton's interpreter objects cannot be compiled ahead of time: run in a clean process.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.call([sys.executable, "-m", "rlhf_fast.kernels._aot", *args.rest], env=env)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf-fast", description="Fused RLHF ops and pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends available on this machine and why not").set_defaults(fn=_info)
-    p = sub.add_parser("demo", help="gather_logprobs against plain PyTorch")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # demo, bench and inspect hand all their options (--help too) to the tools they run
+    p = sub.add_parser("demo", help="gather_logprobs against plain PyTorch", add_help=False)
     p.set_defaults(fn=_demo)
-    args = ap.parse_args(argv)
+    p = sub.add_parser("bench", add_help=False,
+                       help="benchmarks of every op against eager, torch.compile and peers (rlhf-fast bench --help)")
+    p.set_defaults(fn=_bench)
+    p = sub.add_parser("inspect", add_help=False,
+                       help="compile the Triton kernels for sm_80/sm_90a without a GPU and report registers, spills, "
+                            "shared memory, load widths, tensor-core use (rlhf-fast inspect --help)")
+    p.set_defaults(fn=_inspect)
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.command not in ("bench", "inspect", "demo"):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.rest = extra
     return args.fn(args)
 
 

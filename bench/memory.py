@@ -1,0 +1,87 @@
+"""Peak transient memory of one benchmark case, measured in a fresh process.
+
+CPU: the process builds the case's inputs, runs it once to warm up (allocator, torch.compile), frees
+what it can (gc + malloc_trim), resets the kernel's peak-RSS counter (/proc/self/clear_refs = 5),
+runs the case once more and reports VmHWM - VmRSS(before) - the bytes of the gradients the case
+must return (every method fills the same gradient buffers). GPU: torch.cuda peak allocated, same
+rule.
+
+    python -m bench.memory <suite> <provider> <case index> <mode>   # prints one JSON line
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def probe(suite: str, provider: str, case_index: int, mode: str, device: str) -> dict:
+    import torch
+
+    from bench.run import SUITES
+
+    module = SUITES[suite]
+    case = module.CASES[case_index]
+    setup = module.setup(provider, case, mode, device)
+    if setup is None:
+        return {"skipped": True}
+    fn, ran, _ = setup
+    fn()  # warm-up: compile, allocator, first-touch of the inputs
+    _trim()
+    grad_bytes = module.grad_bytes(case, mode) if hasattr(module, "grad_bytes") else 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return {"backend": ran, "peak_bytes": peak - base - grad_bytes}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = _status_kb("VmRSS") * 1024
+    out = fn()
+    peak = _status_kb("VmHWM") * 1024
+    del out
+    return {"backend": ran, "peak_bytes": max(0, peak - base - grad_bytes)}
+
+
+def measure(suite: str, provider: str, case_index: int, mode: str, device: str, timeout: int = 900) -> dict:
+    """Runs probe() in a fresh interpreter and returns its result."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", suite, provider, str(case_index), mode, device],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    suite, provider, index, mode = sys.argv[1:5]
+    device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(probe(suite, provider, int(index), mode, device)))

@@ -21,7 +21,7 @@ $(VENV)/.deps: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install "setuptools>=77" wheel ninja
 	# the editable install only links the sources; the native extension is built in place below
-	RLHF_FAST_SKIP_NATIVE=1 $(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	RLHF_FAST_SKIP_NATIVE=1 $(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 
 # Rebuild the native extension in place whenever a C++/CUDA source or setup.py changes.
@@ -37,8 +37,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-bench: install
-	$(PY) bench/run.py --update-readme
+$(VENV)/.bench-deps: $(VENV)/.deps
+	RLHF_FAST_SKIP_NATIVE=1 $(PY) -m pip install --no-build-isolation -e ".[bench]"
+	touch $@
+
+bench: install $(VENV)/.bench-deps
+	$(PY) bench/run.py --update-readme --memory
 
 lint: install
 	$(PY) -m ruff check rlhf_fast kernels tests bench setup.py

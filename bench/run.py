@@ -23,12 +23,25 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import bench_gather_logprobs, bench_linear_logprobs  # noqa: E402
+from bench import (  # noqa: E402
+    bench_attention,
+    bench_gae,
+    bench_gather_logprobs,
+    bench_linear_logprobs,
+    bench_linear_ppo_loss,
+    bench_ppo_losses,
+    bench_ranking_loss,
+)
 from bench.common import Row, environment, time_fn  # noqa: E402
 
 SUITES = {
     "gather_logprobs": bench_gather_logprobs,
     "linear_logprobs": bench_linear_logprobs,
+    "linear_ppo_loss": bench_linear_ppo_loss,
+    "gae": bench_gae,
+    "ranking_loss": bench_ranking_loss,
+    "ppo_losses": bench_ppo_losses,
+    "attention": bench_attention,
 }
 GRAD_RTOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 

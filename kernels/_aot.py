@@ -10,7 +10,8 @@ the ``cuobjdump`` shipped in the triton wheel, and we report per kernel and arch
   shared        static SHARED of the cubin + the dynamic shared memory triton launches with (on
                 sm_90 the cubin of a kernel using shared memory declares the 1 KB per-CTA system
                 reservation as static SHARED)
-  ldg128        whether the SASS has 128-bit global loads (LDG.E.128): vectorized streaming reads
+  ldg128        whether the SASS has 128-bit global loads (LDG.E.128, or LDGSTS.128: the cp.async
+                copies into shared memory with which tl.dot kernels load their operand tiles)
   tensor cores  HMMA / HGMMA / IMMA / WGMMA instructions, if any
 
 Run ``python -m rlhf_fast.kernels._aot`` for the table of every op (exit status 1 if any kernel
@@ -40,7 +41,11 @@ TENSOR_CORE_OPS = ("HMMA", "HGMMA", "WGMMA", "IMMA", "QMMA", "UTCHMMA", "UTCQMMA
 
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 # LDG.E.128, LDG.E.64, LDG.E.U16, LDG.E.EF.128 ... on sm_80; same mnemonics with desc[] on sm_90.
-_MEM_OP = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)\b")
+# tl.dot kernels load operand tiles with LDGSTS (cp.async global -> shared), and kernels that
+# accumulate with atomics store with RED / REDG (RED.E.ADD.F32 on sm_80, REDG.E.ADD.F32x4 on sm_90):
+# they count as global loads and stores.
+_MEM_OP = re.compile(r"\b(LDGSTS|LDG|STG|REDG|RED)((?:\.[A-Za-z0-9_]+)*)\b")
+_LOAD_OPS = ("LDG", "LDGSTS")
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/", re.MULTILINE)
 _TENSOR_OP = re.compile(r"\b(" + "|".join(TENSOR_CORE_OPS) + r")\b")
 
@@ -183,10 +188,13 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def _width(suffixes: str) -> int:
-    """Bits moved by one LDG/STG from its suffixes (.E.128 -> 128, .E.U16 -> 16, .E -> 32)."""
+    """Bits moved by one LDG/STG from its suffixes (.E.128 -> 128, .E.U16 -> 16, .E -> 32,
+    .F32x4 -> 128)."""
     for part in suffixes.split("."):
         if part in ("128", "64"):
             return int(part)
+        if part in ("F32x4", "F32x2"):
+            return 32 * int(part[-1])
         if part in ("U8", "S8"):
             return 8
         if part in ("U16", "S16"):
@@ -210,7 +218,7 @@ def inspect_compiled(kernel, label: str, num_warps: int, num_stages: int,
     sass = _cuobjdump(cubin, "-sass")
     loads, stores = set(), set()
     for op, suffixes in _MEM_OP.findall(sass):
-        (loads if op == "LDG" else stores).add(_width(suffixes))
+        (loads if op in _LOAD_OPS else stores).add(_width(suffixes))
     tensor_ops = sorted(set(_TENSOR_OP.findall(sass)))
     target = re.search(r"\.target\s+(sm_\w+)", sass)
     arch = target.group(1) if target else arch_name(kernel.metadata.target.arch)

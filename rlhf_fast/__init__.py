@@ -2,16 +2,45 @@
 
 from rlhf_fast._native import cpu_capability, has_native
 from rlhf_fast.backends import BACKENDS, backends_available, select_backend
-from rlhf_fast.ops import gather_logprobs, linear_logprobs
+from rlhf_fast.ops import (
+    RankingStats,
+    SharedPrefixLayout,
+    attention,
+    gae,
+    gather_logprobs,
+    kl_penalty,
+    linear_logprobs,
+    linear_ppo_loss,
+    pairwise_loss,
+    ppo_policy_loss,
+    ranking_loss,
+    shared_prefix_attention,
+    shared_prefix_layout,
+    value_loss,
+    varlen_attention,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "RankingStats",
+    "SharedPrefixLayout",
+    "attention",
     "backends_available",
     "cpu_capability",
+    "gae",
     "gather_logprobs",
     "has_native",
+    "kl_penalty",
     "linear_logprobs",
+    "linear_ppo_loss",
+    "pairwise_loss",
+    "ppo_policy_loss",
+    "ranking_loss",
     "select_backend",
+    "shared_prefix_attention",
+    "shared_prefix_layout",
+    "value_loss",
+    "varlen_attention",
 ]

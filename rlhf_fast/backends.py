@@ -62,12 +62,13 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     description: str
 
-    def availability_reasons(self, device: torch.device | None = None) -> list[str]:
-        """Why this backend cannot run at all (on `device`, if given); empty when it can."""
+    def availability_reasons(self, device: torch.device | None = None, native: bool = True) -> list[str]:
+        """Why this backend cannot run at all (on `device`, if given); empty when it can. `native=False`:
+        the op implements this backend in Python (e.g. on torch's own fused kernels), not in rlhf_fast._C."""
         reasons: list[str] = []
-        if self.name in ("cpu", "cuda") and not _native.has_native():
+        if self.name in ("cpu", "cuda") and native and not _native.has_native():
             reasons.append(_native.NATIVE_ERROR or "native extension missing")
-        if self.name == "cuda" and _native.has_native() and not _native.built_with_cuda():
+        if self.name == "cuda" and native and _native.has_native() and not _native.built_with_cuda():
             reasons.append("rlhf_fast._C was built without CUDA kernels (CPU-only torch or no nvcc)")
         if self.name == "cuda" and not torch.cuda.is_available():
             reasons.append("torch.cuda.is_available() is False")
@@ -77,10 +78,10 @@ class Backend:
             reasons.append(f"{self.name} does not run on {device.type} tensors (runs on {', '.join(self.devices)})")
         return reasons
 
-    def reasons(self, tensors: Sequence[torch.Tensor]) -> list[str]:
+    def reasons(self, tensors: Sequence[torch.Tensor], native: bool = True) -> list[str]:
         """Why this backend cannot run on these input tensors; empty when it can."""
         device = tensors[0].device
-        reasons = self.availability_reasons(device)
+        reasons = self.availability_reasons(device, native)
         for t in tensors:
             if t.is_floating_point() and t.dtype not in self.dtypes:
                 reasons.append(f"{self.name} does not support dtype {t.dtype}")
@@ -105,6 +106,7 @@ class OpImpl:
     backward: Callable | None = None
     limits: Callable[..., list[str]] | None = None
     missing: str | None = None  # why a native backend cannot run this op (no kernel built), fixed at registration
+    native: bool = True  # False: a Python implementation of a cpu/cuda backend (needs no rlhf_fast._C kernel)
 
 
 @dataclass
@@ -113,19 +115,20 @@ class OpRegistry:
     impls: dict[str, OpImpl] = field(default_factory=dict)
 
     def register(self, backend: str, forward: Callable, backward: Callable | None = None,
-                 limits: Callable[..., list[str]] | None = None) -> None:
+                 limits: Callable[..., list[str]] | None = None, native: bool = True) -> None:
+        """`native=False` registers a cpu/cuda backend written in Python (no rlhf_fast_C::<op>_fwd)."""
         if backend not in BACKEND_INFO:
             raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
         missing = None
-        if backend in NATIVE_KEYS and _native.has_native() and not _native.has_native_kernel(
+        if native and backend in NATIVE_KEYS and _native.has_native() and not _native.has_native_kernel(
                 f"{self.name}_fwd", NATIVE_KEYS[backend]):
             missing = f"rlhf_fast._C has no {backend} kernel for {self.name}"
-        self.impls[backend] = OpImpl(forward, backward, limits, missing)
+        self.impls[backend] = OpImpl(forward, backward, limits, missing, native)
 
     def reasons(self, backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
         if backend not in self.impls:
             return [f"{self.name} has no {backend} implementation"]
-        reasons = BACKEND_INFO[backend].reasons(tensors)
+        reasons = BACKEND_INFO[backend].reasons(tensors, self.impls[backend].native)
         if not reasons and self.impls[backend].missing:
             reasons.append(self.impls[backend].missing)
         limits = self.impls[backend].limits

@@ -7,4 +7,7 @@
 #endif
 
 #include "../kernels/gather_logprobs_kernel.h"
+#include "../kernels/ppo_losses_kernel.h"
 #include "../kernels/linear_logprobs_kernel.h"
+#include "../kernels/gae_kernel.h"
+#include "../kernels/ranking_loss_kernel.h"

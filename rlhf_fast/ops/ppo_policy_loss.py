@@ -1,0 +1,219 @@
+"""ppo_policy_loss: the PPO clipped-ratio policy loss (optionally dual-clip), aggregated, with its
+statistics, in one pass.
+
+Flow: public function (validates) -> custom op ``rlhf_fast::ppo_policy_loss`` (fake impl +
+registered autograd) -> the backend chosen by rlhf_fast.backends: torch (reference.py), cpu
+(csrc/cpu/ppo_losses.cpp), cuda (csrc/cuda/ppo_losses.cu), triton (kernels/ppo_losses.py). Per-token
+math: csrc/include/rlhf_fast/ppo_losses_math.h; aggregation modes: rlhf_fast/ops/_aggregation.py.
+
+The op boundary is the whole loss: one custom op returns the scalar loss, the statistics as one small
+fp32 tensor, and what the backward needs. Because the loss is a scalar, d loss / d logprobs is known
+in the forward: the kernels write the per-token gradient m * dl/dlogprobs in the same pass that reads
+the inputs, plus one weight per sequence w_b (the aggregation). The backward is then one broadcast
+multiply in plain PyTorch, grad = token_grad * (grad_loss * w_b) in the dtype of logprobs
+(_aggregation.scale_token_grad): no backward op or kernel, whose per-call overhead would cost more
+than the multiply, and inductor fuses it into its neighbours under torch.compile. grad_loss is a
+tensor, so skipping the multiply when it is 1 would need a host sync: it is always done.
+
+Cost model, (B, T) inputs (b bytes each, mask 1 byte): eager PyTorch runs ~25 kernels forward
+(ratio, both branches, max, masks, sums and each statistic) and ~15 backward, each a pass over a
+(B, T) fp32 temporary. Fused: forward reads 3b + 1 bytes per token and writes 4 (the per-token
+gradient, only when logprobs requires grad); backward reads 4 and writes b.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf_fast import _validation as V
+from rlhf_fast.backends import op_registry
+from rlhf_fast.ops import _aggregation as A
+from rlhf_fast.reference import PPO_POLICY_STATS, ppo_policy_loss_terms_ref, ppo_policy_stats_ref
+
+OP = op_registry("ppo_policy_loss")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. forward(logprobs, old_logprobs, advantages, mask (B, T) each, clip_eps_low, clip_eps_high,
+# dual_clip or None, aggregation name, num_items tensor or None, num_items_int (-1: none),
+# norm_length (-1: T), need_grad) -> (loss () fp32, stats (6,) fp32 in PPO_POLICY_STATS order,
+# token_grad (B, T) fp32 = m * dl/dlogprobs (or (0,) without need_grad), row_scale (B,) fp32 = w_b).
+# No backward: see _backward.
+# ---------------------------------------------------------------------------------------------
+
+def _torch_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
+                   num_items, num_items_int, norm_length, need_grad):
+    items = num_items if num_items is not None else (num_items_int if num_items_int >= 0 else None)
+    norm = norm_length if norm_length > 0 else None
+    with torch.no_grad():
+        t = ppo_policy_loss_terms_ref(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps_low,
+                                      clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+        loss = A.aggregate(t["loss"], mask, aggregation, items, norm)
+        stats = torch.stack(list(ppo_policy_stats_ref(t).values()))
+        token_grad = (torch.where(t["valid"], t["grad"] * t["m"], torch.zeros_like(t["grad"])) if need_grad
+                      else loss.new_empty((0,)))
+        return loss, stats, token_grad, A.row_weights(mask, aggregation, items, norm)
+
+
+def _native_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
+                    num_items, num_items_int, norm_length, need_grad):
+    return torch.ops.rlhf_fast_C.ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_eps_low,
+                                                     clip_eps_high, dual_clip, A.AGG_CODES[aggregation], num_items,
+                                                     num_items_int, norm_length, need_grad)
+
+
+def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
+                    num_items, num_items_int, norm_length, need_grad):
+    from rlhf_fast.kernels import ppo_losses as K
+
+    return K.ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip,
+                                 A.AGG_CODES[aggregation], num_items, num_items_int, norm_length, need_grad)
+
+
+OP.register("torch", _torch_forward)
+OP.register("cpu", _native_forward)
+OP.register("cuda", _native_forward)
+OP.register("triton", _triton_forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+#
+# The scalar arguments travel as one float list, `params` (layout PARAMS). Every call of a custom op
+# with a registered autograd runs torch.library's fill_defaults over its schema, which costs about
+# 0.4 us * (number of arguments)^2 in this torch: 13 separate arguments made that ~65 us per call,
+# more than the kernels take at (64, 2048); with 7 arguments the op's fwd+bwd overhead is ~24 us lower.
+# ---------------------------------------------------------------------------------------------
+
+# clip_eps_low, clip_eps_high, dual_clip (0: none), aggregation (code of _aggregation.AGG_CODES),
+# num_items as a number (-1: none, or given as the num_items tensor), norm_length (-1: T),
+# need_grad (1 or 0; without it no per-token gradient is written).
+PARAMS = ("clip_eps_low", "clip_eps_high", "dual_clip", "aggregation", "num_items", "norm_length", "need_grad")
+
+
+def _unpack(params):
+    eps_low, eps_high, dual, agg, items, norm, need_grad = params
+    return (eps_low, eps_high, dual if dual > 0 else None, A.AGGREGATIONS[int(agg)], int(items), int(norm),
+            need_grad != 0)
+
+
+@torch.library.custom_op("rlhf_fast::ppo_policy_loss", mutates_args=())
+def _ppo_policy_loss_op(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        num_items: Tensor | None, params: list[float], backend: str
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    eps_low, eps_high, dual, agg, items, norm, need_grad = _unpack(params)
+    return OP.impl(backend).forward(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual, agg,
+                                    num_items, items, norm, need_grad)
+
+
+@_ppo_policy_loss_op.register_fake
+def _(logprobs, old_logprobs, advantages, mask, num_items, params, backend):
+    return A.fake_outputs(logprobs, len(PPO_POLICY_STATS), params[-1] != 0)
+
+
+def _setup_context(ctx, inputs, output):
+    _, stats, token_grad, row_scale = output
+    ctx.mark_non_differentiable(stats, token_grad, row_scale)
+    ctx.save_for_backward(token_grad, row_scale)
+    ctx.dtype = inputs[0].dtype
+
+
+def _backward(ctx, grad_loss, _grad_stats, _grad_token_grad, _grad_row_scale):
+    token_grad, row_scale = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    return A.scale_token_grad(grad_loss, token_grad, row_scale, ctx.dtype), None, None, None, None, None, None
+
+
+_ppo_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                    clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
+                    aggregation: str = "token-mean", num_items: int | Tensor | None = None,
+                    norm_length: int | None = None, backend: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped-ratio policy loss, aggregated over the valid tokens, and its statistics.
+
+    Per valid token, with ``r = exp(logprobs - old_logprobs)`` and ``A = advantages``::
+
+        l = max(-A * r, -A * clip(r, 1 - clip_eps, 1 + clip_eps_high))
+        dual clip c (for A < 0):  l = min(l, -A * c)
+
+    then ``loss = aggregate(l, mask)`` (see ``aggregation``). The gradient flows to ``logprobs`` only:
+    ``-A * r * w`` where neither clip is active, 0 where one is.
+
+    Args:
+        logprobs: ``(B, T)`` float32, bfloat16 or float16 (float64 on the torch backend): log-probs of the
+            sampled tokens under the current policy. Differentiable.
+        old_logprobs: ``(B, T)``, any of those dtypes: log-probs under the policy that sampled them. Data.
+        advantages: ``(B, T)``, any of those dtypes. Data.
+        mask: ``(B, T)`` bool or float: 1 (True) for tokens of the loss, 0 for prompt and padding. Float
+            masks act as weights >= 0. Positions with ``mask == 0`` never affect anything, whatever
+            the other inputs hold there (padding, ``-inf``, NaN).
+        clip_eps: ``eps_low`` > 0: the ratio is clipped below at ``1 - clip_eps``.
+        clip_eps_high: ``eps_high`` > 0 for the upper bound ``1 + clip_eps_high`` (DAPO's clip-higher);
+            default ``clip_eps``.
+        dual_clip: ``None`` or ``c > 1``: for negative advantages the loss is capped at ``-A * c``
+            (dual-clip PPO).
+        aggregation: ``"token-mean"`` (default), ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"`` or
+            ``"seq-mean-token-sum-norm"``; with ``n_b`` = valid tokens of sequence b:
+
+            - token-mean: ``sum(l * m) / sum(m)``
+            - seq-mean-token-mean: mean over the sequences with ``n_b > 0`` of ``sum_t(l * m) / n_b``
+            - seq-mean-token-sum: ``sum(l * m) / B`` (mean over all B sequences of ``sum_t(l * m)``)
+            - seq-mean-token-sum-norm: ``sum(l * m) / (B * L)``, ``L = norm_length`` or ``T``
+
+            (formulas in :mod:`rlhf_fast.ops._aggregation`).
+        num_items: the final divisor instead of the local count, for gradient accumulation and data
+            parallelism: an int or a 0-dim tensor on the inputs' device (read without a host sync) holding
+            the global number of valid tokens (token-mean) or of sequences (seq-* modes; for
+            seq-mean-token-mean, of sequences with at least one valid token). The losses of micro-batches
+            then sum to the loss of the whole batch, gradients included.
+        norm_length: ``L`` of seq-mean-token-sum-norm (a fixed generation budget), default ``T``.
+        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or the best
+            available for the device (see :mod:`rlhf_fast.backends`).
+
+    Returns:
+        ``(loss, stats)``: ``loss`` a float32 scalar; ``stats`` a dict of detached float32 scalars over the
+        valid tokens (mask-weighted means), computed in the same pass:
+
+        - ``clip_frac``: fraction of tokens where the clipped branch is the active one
+          (``-A * clip(r) > -A * r``; its gradient is 0)
+        - ``dual_clip_frac``: fraction where ``A < 0`` and the dual clip is active (0 without dual_clip)
+        - ``approx_kl``: mean of ``k3 = r - 1 - log r`` with ``log r = logprobs - old_logprobs``, Schulman's
+          k3 estimate of KL(pi_old || pi) (``x = old - new`` in :func:`rlhf_fast.kl_penalty`'s k3)
+        - ``ratio_mean``, ``ratio_min``, ``ratio_max``: of ``r`` (min and max over tokens with ``m != 0``)
+
+        Statistics are local to this call (num_items does not rescale them). Without any valid token
+        (fully masked rows or batch) the loss is 0 with a zero gradient and every statistic is 0.
+        Everything is computed in fp32 and finite for log-ratios up to about ±88.
+    """
+    V.check_tensor("logprobs", logprobs, _FLOAT_DTYPES)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs: expected a 2-D (B, T) tensor, got shape {tuple(logprobs.shape)}")
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages)):
+        V.check_tensor(name, t, _FLOAT_DTYPES)
+        V.check_same_device(name, t, "logprobs", logprobs)
+        V.check_shape(name, t, logprobs.shape, "logprobs.shape")
+    V.check_tensor("mask", mask, A.MASK_DTYPES)
+    V.check_same_device("mask", mask, "logprobs", logprobs)
+    V.check_shape("mask", mask, logprobs.shape, "logprobs.shape")
+    eps_low = V.check_positive_float("clip_eps", clip_eps)
+    eps_high = eps_low if clip_eps_high is None else V.check_positive_float("clip_eps_high", clip_eps_high)
+    if dual_clip is not None:
+        dual_clip = A.check_dual_clip(dual_clip)
+    agg = A.check_aggregation(aggregation)
+    items, items_int = A.check_num_items(num_items, logprobs)
+    norm = A.check_norm_length(norm_length)
+
+    need_grad = logprobs.requires_grad and torch.is_grad_enabled()
+    name = OP.select([logprobs, old_logprobs, advantages, mask], backend)
+    params = [eps_low, eps_high, dual_clip or 0.0, float(agg), float(items_int), float(norm), float(need_grad)]
+    loss, stats, _, _ = _ppo_policy_loss_op(logprobs, old_logprobs, advantages, mask, items, params, name)
+    return loss, dict(zip(PPO_POLICY_STATS, stats.unbind(0), strict=True))

@@ -1,0 +1,143 @@
+"""linear_ppo_loss (the fused RL head) equals composing linear_logprobs with the separate losses,
+to fp32 rounding: loss, statistics and the gradients of hidden, ptx_hidden and weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from helpers import assert_close
+
+import rlhf_fast
+from rlhf_fast.ops._aggregation import aggregate
+from rlhf_fast.reference import kl_penalty_ref, ppo_policy_loss_terms_ref
+
+BACKENDS = [b for b in CPU_BACKENDS if b in ("torch", "cpu")]
+IGNORE = -100
+TOL = dict(atol=2e-5, rtol=2e-4)
+
+
+def make(b=3, t=9, hdim=16, vocab=500, dtype=torch.float32):
+    hidden = torch.randn(b, t, hdim).to(dtype)
+    weight = (torch.randn(vocab, hdim) * 0.3).to(dtype)
+    labels = torch.randint(0, vocab, (b, t))
+    mask = (torch.rand(b, t) > 0.3).float()
+    mask[-1] = 0  # a fully masked sequence
+    old = torch.randn(b, t) * 0.1 - 6
+    adv = torch.randn(b, t)
+    ref = old + torch.randn(b, t) * 0.05
+    ptx_hidden = torch.randn(2, 7, hdim).to(dtype)
+    ptx_labels = torch.randint(0, vocab, (2, 7))
+    ptx_labels[0, :2] = IGNORE
+    return hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels
+
+
+def composed(hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels, *, kl_coef, kl_estimator,
+             entropy_coef, dual_clip, aggregation, ptx_coef, temperature):
+    lab = torch.where(mask != 0, labels, IGNORE)
+    lp, ent = rlhf_fast.linear_logprobs(hidden, weight, lab, temperature=temperature, return_entropy=True,
+                                        backend="torch")
+    terms = ppo_policy_loss_terms_ref(lp, old, adv, mask, dual_clip=dual_clip)
+    tok = terms["loss"] - entropy_coef * ent
+    if kl_coef:
+        tok = tok + kl_coef * kl_penalty_ref(lp, ref, estimator=kl_estimator)
+    loss = aggregate(tok, mask, aggregation)
+    if ptx_coef:
+        plp = rlhf_fast.linear_logprobs(ptx_hidden, weight, ptx_labels, temperature=temperature, backend="torch")
+        loss = loss + ptx_coef * (-plp.sum() / (ptx_labels != IGNORE).sum())
+    return loss
+
+
+CONFIGS = [
+    dict(kl_coef=0.0, kl_estimator="k1", entropy_coef=0.0, dual_clip=None, aggregation="token-mean", ptx_coef=0.0,
+         temperature=1.0),
+    dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, dual_clip=3.0, aggregation="seq-mean-token-mean",
+         ptx_coef=0.5, temperature=0.9),
+    dict(kl_coef=0.05, kl_estimator="k2", entropy_coef=0.0, dual_clip=None, aggregation="seq-mean-token-sum",
+         ptx_coef=1.0, temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["aggregation"])
+def test_equals_composition(backend, config):
+    inputs = make()
+    results = []
+    for which in ("fused", "composed"):
+        hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels = inputs
+        h, w, p = (x.clone().requires_grad_(True) for x in (hidden, weight, ptx_hidden))
+        if which == "fused":
+            loss, stats = rlhf_fast.linear_ppo_loss(h, w, labels, old, adv, mask, ref_logprobs=ref, ptx_hidden=p,
+                                                    ptx_labels=ptx_labels, backend=backend, **config)
+            assert set(stats) == {"policy_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean",
+                                  "ratio_min", "ratio_max", "kl", "entropy", "ptx_loss"}
+            assert all(torch.isfinite(v) for v in stats.values())
+        else:
+            loss = composed(h, w, labels, mask, old, adv, ref, p, ptx_labels, **config)
+        (loss * 1.7).backward()  # non-unit upstream gradient
+        results.append((loss.detach(), h.grad, w.grad, p.grad))
+    (lf, gh, gw, gp), (lc, gh_c, gw_c, gp_c) = results
+    assert_close(lf, lc, "loss", **TOL)
+    assert_close(gh, gh_c, "grad_hidden", **TOL)
+    assert_close(gw, gw_c, "grad_weight", **TOL)
+    if config["ptx_coef"]:
+        assert_close(gp, gp_c, "grad_ptx_hidden", **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_match_ppo_policy_loss(backend):
+    hidden, weight, labels, mask, old, adv, ref, _, _ = make()
+    _, stats = rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, mask, dual_clip=3.0, backend=backend)
+    lp = rlhf_fast.linear_logprobs(hidden, weight, torch.where(mask != 0, labels, IGNORE))
+    _, ref_stats = rlhf_fast.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, backend="torch")
+    for key in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max"):
+        assert_close(stats[key], ref_stats[key], key, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_batch_and_no_grad(backend):
+    hidden, weight, labels, mask, old, adv, ref, _, _ = make()
+    mask.zero_()
+    h = hidden.clone().requires_grad_(True)
+    loss, stats = rlhf_fast.linear_ppo_loss(h, weight, labels, old, adv, mask, backend=backend)
+    assert loss.item() == 0 and all(v.item() == 0 for v in stats.values())
+    loss.backward()
+    assert torch.equal(h.grad, torch.zeros_like(h))
+    with torch.no_grad():
+        hidden, weight, labels, mask, old, adv, ref, _, _ = make()
+        loss_ng, _ = rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend=backend)
+    loss_g, _ = rlhf_fast.linear_ppo_loss(hidden, weight.requires_grad_(True), labels, old, adv, mask,
+                                          backend=backend)
+    assert_close(loss_ng, loss_g.detach(), "loss without grad", **TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kl_coef=0.1), "ref_logprobs: required when kl_coef != 0"),
+        (dict(kl_estimator="k9"), "kl_estimator: expected one of"),
+        (dict(clip_eps=0.0), "clip_eps: expected a finite number > 0"),
+        (dict(dual_clip=0.5), "dual_clip: expected a finite number > 1"),
+        (dict(aggregation="mean"), "aggregation: expected one of"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    hidden, weight, labels, mask, old, adv, _, _, _ = make()
+    with pytest.raises(ValueError, match=match):
+        rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, mask, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    hidden, weight, labels, mask, old, adv, ref, _, _ = make()
+
+    def fn(h, w):
+        loss, _ = rlhf_fast.linear_ppo_loss(h, w, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                            backend=backend)
+        return loss
+
+    params = [[x.clone().requires_grad_(True) for x in (hidden, weight)] for _ in range(2)]
+    torch.compile(fn, fullgraph=True)(*params[0]).backward()
+    fn(*params[1]).backward()
+    for a, b in zip(params[0], params[1], strict=True):
+        assert_close(a.grad, b.grad, "grad", **TOL)

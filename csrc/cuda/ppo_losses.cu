@@ -19,9 +19,10 @@
 // finalize), each backward 1-2, against ~40 for the eager reference.
 //
 // Tiles: a block of kThreads threads handles kTileCols columns of one row (kPerThread elements per
-// thread, strided by kThreads so that a warp's loads are coalesced) and reduces its partial sums in
-// shared memory; tiles are enumerated by a 1-D grid-stride loop, so neither B nor T is limited by
-// gridDim. The finalize kernel (one block) combines the tiles of each row in order, then the rows,
+// thread, strided by kThreads so that a warp's loads are coalesced; element-sized loads, not 128-bit
+// ones, since each input may have its own dtype and strides) and reduces its partial sums with warp
+// shuffles, then across warps in shared memory; tiles are enumerated by a 1-D grid-stride loop, so
+// neither B nor T is limited by gridDim. The finalize kernel (one block) combines the tiles of each row in order, then the rows,
 // in fp64: results are deterministic (no atomics) and counts exact far beyond 2^24 tokens.
 // Indexing is int64 throughout.
 //

@@ -149,6 +149,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
         ``kl`` float32 with the shape of ``logprobs``, computed in fp32 (k3 near ``x = 0`` by a series,
         without cancellation). Finite for ``|x|`` up to about 88 (``exp`` of fp32), for any ``x`` with
         a clamp. There is no mask: multiply or select the result as your loss or reward needs.
+
+        When ``logprobs`` requires grad, the same pass also writes ``dk/dx`` (fp32, 4 bytes per token,
+        kept for the backward, which multiplies it by the upstream gradient). Gradients are first
+        order only: a double backward does not see the second derivative.
     """
     V.check_tensor("logprobs", logprobs, _FLOAT_DTYPES)
     V.check_tensor("ref_logprobs", ref_logprobs, _FLOAT_DTYPES)

@@ -193,6 +193,10 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         Statistics are local to this call (num_items does not rescale them). Without any valid token
         (fully masked rows or batch) the loss is 0 with a zero gradient and every statistic is 0.
         Everything is computed in fp32 and finite for log-ratios up to about ±88.
+
+        When ``logprobs`` requires grad, the forward pass also writes the per-token gradient (fp32,
+        4 bytes per token, kept for the backward, which only scales it). Gradients are first order
+        only: a double backward does not see second derivatives.
     """
     V.check_tensor("logprobs", logprobs, _FLOAT_DTYPES)
     if logprobs.dim() != 2:

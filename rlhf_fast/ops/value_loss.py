@@ -153,7 +153,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         - ``clip_frac``: fraction of tokens where the clipped term is the larger
         - ``explained_variance``: ``1 - Var[R - v] / Var[R]`` (population variances), 0 when ``Var[R] == 0``
 
-        Without any valid token the loss is 0 with a zero gradient and both statistics are 0.
+        Without any valid token the loss is 0 with a zero gradient and both statistics are 0. As in
+        ppo_policy_loss, the forward writes the per-token gradient (fp32, kept for the backward) when
+        ``values`` requires grad, and gradients are first order only.
     """
     V.check_tensor("values", values, _FLOAT_DTYPES)
     if values.dim() != 2:

@@ -110,29 +110,85 @@ inline void load_tile(const T* src, int64_t ld, float* tile, float* stage) {
   }
 }
 
+// The mask of a tile as per-position lane masks: column(c) selects the lanes (sequences) whose position
+// t0 + c is valid. AVX-512 and AVX2 keep one bit per (sequence, position) and test a column in one or
+// two instructions; the portable build stages the bytes as floats and transposes them like the data.
+#if defined(CPU_CAPABILITY_AVX512)
+static_assert(kGaeTile == 16, "AVX-512 tiles are 16 x 16");
+struct TileMask {
+  __m256i rows;  // 16 x 16 bits: bit c of row l = position c of sequence l is valid
+
+  void load(const uint8_t* keep, int64_t ld) {
+    alignas(32) uint16_t bits[16];
+    for (int l = 0; l < 16; ++l) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + l * ld));
+      bits[l] = _mm_test_epi8_mask(b, b);
+    }
+    rows = _mm256_load_si256(reinterpret_cast<const __m256i*>(bits));
+  }
+  __mmask16 column(int c) const { return _mm256_test_epi16_mask(rows, _mm256_set1_epi16(short(1 << c))); }
+};
+struct TileSelect {
+  static inline Vec pick(__mmask16 lanes, const Vec& a, const Vec& b) {
+    return Vec(_mm512_mask_blend_ps(lanes, b, a));
+  }
+};
+#elif defined(CPU_CAPABILITY_AVX2)
+static_assert(kGaeTile == 8, "AVX2 tiles are 8 x 8");
+struct TileMask {
+  __m256i rows;  // 8 x 32 bits: bit c of row l = position c of sequence l is valid
+
+  void load(const uint8_t* keep, int64_t ld) {
+    alignas(32) int32_t bits[8];
+    for (int l = 0; l < 8; ++l) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + l * ld));  // 8 bytes, rest 0
+      bits[l] = ~_mm_movemask_epi8(_mm_cmpeq_epi8(b, _mm_setzero_si128())) & 0xff;
+    }
+    rows = _mm256_load_si256(reinterpret_cast<const __m256i*>(bits));
+  }
+  Vec column(int c) const {
+    const __m256i bit = _mm256_set1_epi32(1 << c);
+    return Vec(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(rows, bit), bit)));
+  }
+};
+using TileSelect = VecSelect;
+#else
+struct TileMask {
+  alignas(64) float cols[kGaeTile * kGaeTile];  // cols[c * kGaeTile + l] = 1 where valid, else 0
+
+  void load(const uint8_t* keep, int64_t ld) {
+    alignas(64) float stage[kGaeTile * kGaeTile];
+    for (int l = 0; l < kGaeTile; ++l) {
+      for (int c = 0; c < kGaeTile; ++c) stage[l * kGaeTile + c] = float(keep[l * ld + c]);
+    }
+    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(stage, kGaeTile, cols, kGaeTile);
+  }
+  Vec column(int c) const { return Vec::loadu(cols + c * kGaeTile) > Vec(0.5f); }
+};
+using TileSelect = VecSelect;
+#endif
+
 template <typename T>
 void gae_walk_tiled(const GaeArrays<T>& x, int64_t start, int64_t len, float gamma, float gamma_lam) {
   constexpr int kArea = kGaeTile * kGaeTile;
-  alignas(64) float tr[kArea], tv[kArea], tm[kArea], stage[kArea];
+  alignas(64) float tr[kArea], tv[kArea], stage[kArea];
   const uint8_t* keep = reinterpret_cast<const uint8_t*>(x.m);
-  const Vec g(gamma), gl(gamma_lam), zero(0.f), half(0.5f);
+  const Vec g(gamma), gl(gamma_lam), zero(0.f);
   gae::CarryOf<Vec> carry{zero, zero};  // one sequence per lane
+  TileMask mask;
   int64_t t0 = len;
   while (t0 >= kGaeTile) {
     t0 -= kGaeTile;
     const int64_t at = start + t0;  // position t0 of the group's first sequence
     load_tile(x.r + at, len, tr, stage);
     load_tile(x.v + at, len, tv, stage);
-    for (int l = 0; l < kGaeTile; ++l) {
-      for (int c = 0; c < kGaeTile; ++c) stage[l * kGaeTile + c] = float(keep[at + l * len + c]);
-    }
-    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(stage, kGaeTile, tm, kGaeTile);
+    mask.load(keep + at, len);
     for (int c = kGaeTile - 1; c >= 0; --c) {  // tr, tv become the advantage and return tiles in place
       const Vec rew = Vec::loadu(tr + c * kGaeTile), val = Vec::loadu(tv + c * kGaeTile);
-      const Vec valid = Vec::loadu(tm + c * kGaeTile) > half;  // all-ones lanes where the mask is set
-      const Vec a = gae::step<VecSelect>(carry, rew, val, valid, g, gl);
+      const auto valid = mask.column(c);
+      const Vec a = gae::step<TileSelect>(carry, rew, val, valid, g, gl);
       a.store(tr + c * kGaeTile);
-      VecSelect::pick(valid, a + val, zero).store(tv + c * kGaeTile);
+      TileSelect::pick(valid, a + val, zero).store(tv + c * kGaeTile);
     }
     at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(tr, kGaeTile, x.adv + at, len);
     at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(tv, kGaeTile, x.ret + at, len);

@@ -1,15 +1,20 @@
 // CPU entry points of linear_logprobs: the tiled algorithm of rlhf_fast/linear_logprobs_tiled.h with
-// ATen's BLAS for the GEMMs and the SIMD tile kernels of csrc/cpu/kernels/linear_logprobs_kernel.h.
+// the GEMMs of gemm.h (oneDNN, or ATen's BLAS) and the SIMD tile kernels of
+// csrc/cpu/kernels/linear_logprobs_kernel.h.
 #include <torch/library.h>
 
 #include <rlhf_fast/linear_logprobs_tiled.h>
 
+#include "gemm.h"
 #include "kernels/linear_logprobs.h"
 
 namespace rlhf_fast::cpu {
 namespace {
 
 struct CpuTiles {
+  static void matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta) {
+    matmul_into(out, a, b, beta);
+  }
   static void fold(at::Tensor& tile, const int64_t* labels, int64_t c0, float softcap, float inv_temp, float* m,
                    float* s, float* t, float* z_label, bool with_entropy) {
     linear_fold_tile_stub()()(tile, labels, c0, softcap, inv_temp, m, s, t, z_label, with_entropy);

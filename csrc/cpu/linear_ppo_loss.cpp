@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "gemm.h"
 #include "kernels/linear_logprobs.h"
 
 namespace rlhf_fast::cpu {
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
       const int64_t nr = std::min(block, na - r0);
       const at::Tensor hr = h32.narrow(0, r0, nr);
       at::Tensor tile = buffer.narrow(0, 0, nr * vocab).view({nr, vocab});
-      at::mm_out(tile, hr, w32.t());
+      matmul_into(tile, hr, w32.t(), 0.0f);
       m.fill_(-std::numeric_limits<float>::infinity());
       s.zero_();
       t.zero_();
@@ -135,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
       if (!compute_grad) continue;
       linear_grad_tile_stub()()(tile, y.const_data_ptr<int64_t>() + r0, 0, 0.f, inv_temp, lse.data_ptr<float>(),
                                 g_lp.data_ptr<float>(), g_h.data_ptr<float>(), ent.data_ptr<float>());
-      gh32.narrow(0, r0, nr).addmm_(tile, w32);  // (nr, V) @ (V, H)
-      gw32.addmm_(tile.t(), hr);                 // (V, nr) @ (nr, H)
+      matmul_into(gh32.narrow(0, r0, nr), tile, w32, 1.0f);  // (nr, V) @ (V, H)
+      matmul_into(gw32, tile.t(), hr, 1.0f);                 // (V, nr) @ (nr, H)
     }
     if (compute_grad) grad_hidden.index_copy_(0, idx, gh32.to(hidden.scalar_type()));
   }

@@ -205,6 +205,14 @@ inline unsigned blocks_for(int64_t work, int64_t per_block) {
 }
 
 struct CudaTiles {
+  static void matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta) {
+    at::Tensor o = out;
+    if (beta == 0.0f) {
+      at::mm_out(o, a, b);
+    } else {
+      o.addmm_(a, b, beta, 1.0);
+    }
+  }
   static void fold(at::Tensor& tile, const int64_t* labels, int64_t c0, float softcap, float inv_temp, float* m,
                    float* s, float* t, float* z_label, bool /*with_entropy: t costs one FMA, always kept*/) {
     const int64_t rows = tile.size(0), cols = tile.size(1);

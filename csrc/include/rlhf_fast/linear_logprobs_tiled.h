@@ -1,6 +1,7 @@
-// The tiled host algorithm of linear_logprobs, shared by the CPU and CUDA backends: the GEMMs go
-// through ATen (MKL / oneDNN on CPU, cuBLAS on CUDA) into one reusable fp32 tile buffer, and a
-// device's `Tiles` policy supplies the two passes over each tile:
+// The tiled host algorithm of linear_logprobs, shared by the CPU and CUDA backends: fp32 GEMMs
+// into one reusable fp32 tile buffer, and a device's `Tiles` policy supplies the GEMM engine and
+// the two passes over each tile:
+//   Tiles::matmul(out, a, b, beta)   out = beta * out + a @ b (oneDNN / BLAS on CPU, cuBLAS on CUDA)
 //   Tiles::fold(tile, labels, c0, softcap, inv_temp, m, s, t, z_label, with_entropy)
 //   Tiles::grad(tile, labels, c0, softcap, inv_temp, lse, g_lp, g_ent, entropy)
 // (pointers into tensors on the tile's device; see csrc/cpu/kernels/linear_logprobs.h).
@@ -52,17 +53,18 @@ inline at::Tensor take_rows(const at::Tensor& t, const at::Tensor& idx) {
 }
 
 // Raw logits of rows `hr` (fp32) and vocabulary rows w_c (fp32, (cols, H)) into `tile`.
-inline void tile_logits(at::Tensor& tile, const at::Tensor& hr, const at::Tensor& w_c, const at::Tensor& bias_c) {
+template <typename Tiles>
+void tile_logits(at::Tensor& tile, const at::Tensor& hr, const at::Tensor& w_c, const at::Tensor& bias_c) {
   if (bias_c.defined()) {
     tile.copy_(bias_c.unsqueeze(0).expand_as(tile));
-    tile.addmm_(hr, w_c.t());
+    Tiles::matmul(tile, hr, w_c.t(), 1.0f);
   } else {
-    at::mm_out(tile, hr, w_c.t());
+    Tiles::matmul(tile, hr, w_c.t(), 0.0f);
   }
 }
 
 // Walks the (row block, vocabulary chunk) tiles; fn(tile, r0, c0, hr, w_c) per tile.
-template <typename Fn>
+template <typename Tiles, typename Fn>
 void for_each_tile(const at::Tensor& h32, const at::Tensor& weight, const at::Tensor& bias32, int64_t tile_rows,
                    int64_t tile_cols, Fn&& fn) {
   const int64_t n = h32.size(0), vocab = weight.size(0), hdim = weight.size(1);
@@ -80,7 +82,7 @@ void for_each_tile(const at::Tensor& h32, const at::Tensor& weight, const at::Te
       const int64_t nr = std::min(rows, n - r0);
       const at::Tensor hr = h32.narrow(0, r0, nr);
       at::Tensor tile = buffer.narrow(0, 0, nr * vc).view({nr, vc});
-      tile_logits(tile, hr, w_c, bias_c);
+      tile_logits<Tiles>(tile, hr, w_c, bias_c);
       fn(tile, r0, c0, hr, w_c);
     }
   }
@@ -109,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
   at::Tensor m = at::full({na}, -kInf, f32), s = at::zeros({na}, f32), t = at::zeros({na}, f32);
   at::Tensor z_label = at::zeros({na}, f32);
   const float inv_temp = float(1.0 / temperature);
-  for_each_tile(h32, weight, bias32, tile_rows, tile_cols,
+  for_each_tile<Tiles>(h32, weight, bias32, tile_rows, tile_cols,
                 [&](at::Tensor& tile, int64_t r0, int64_t c0, const at::Tensor&, const at::Tensor&) {
                   Tiles::fold(tile, y.const_data_ptr<int64_t>() + r0, c0, float(softcap), inv_temp,
                               m.data_ptr<float>() + r0, s.data_ptr<float>() + r0, t.data_ptr<float>() + r0,
@@ -169,15 +171,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor ent_a = with_entropy ? take_rows(entropy, idx).contiguous() : at::Tensor();
   at::Tensor gh32 = at::zeros({na, hidden.size(1)}, f32);
   const float inv_temp = float(1.0 / temperature);
-  for_each_tile(h32, weight, bias32, tile_rows, tile_cols,
+  for_each_tile<Tiles>(h32, weight, bias32, tile_rows, tile_cols,
                 [&](at::Tensor& tile, int64_t r0, int64_t c0, const at::Tensor& hr, const at::Tensor& w_c) {
                   Tiles::grad(tile, y.const_data_ptr<int64_t>() + r0, c0, float(softcap), inv_temp,
                               lse_a.const_data_ptr<float>() + r0, g_a.const_data_ptr<float>() + r0,
                               with_entropy ? ge_a.const_data_ptr<float>() + r0 : nullptr,
                               with_entropy ? ent_a.const_data_ptr<float>() + r0 : nullptr);
                   const int64_t nr = tile.size(0), vc = tile.size(1);
-                  gh32.narrow(0, r0, nr).addmm_(tile, w_c);                  // (nr, vc) @ (vc, H)
-                  gw32.narrow(0, c0, vc).addmm_(tile.t(), hr);               // (vc, nr) @ (nr, H)
+                  Tiles::matmul(gh32.narrow(0, r0, nr), tile, w_c, 1.0f);      // (nr, vc) @ (vc, H)
+                  Tiles::matmul(gw32.narrow(0, c0, vc), tile.t(), hr, 1.0f);   // (vc, nr) @ (nr, H)
                   if (has_bias) gb32.narrow(0, c0, vc).add_(tile.sum(0));
                 });
   if (idx.defined()) {

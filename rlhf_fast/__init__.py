@@ -1,6 +1,6 @@
 """rlhf_fast: fused RLHF ops (Triton, CUDA, native CPU) behind one function each."""
 
-from rlhf_fast._native import cpu_capability, has_native
+from rlhf_fast._native import cpu_capability, cpu_gemm_engine, has_native
 from rlhf_fast.backends import BACKENDS, backends_available, select_backend
 from rlhf_fast.ops import (
     RankingStats,
@@ -29,6 +29,7 @@ __all__ = [
     "attention",
     "backends_available",
     "cpu_capability",
+    "cpu_gemm_engine",
     "gae",
     "gather_logprobs",
     "has_native",

@@ -36,3 +36,9 @@ def built_with_cuda() -> bool:
 def cpu_capability() -> str | None:
     """SIMD variant of the CPU kernels in use ("AVX512", "AVX2", "DEFAULT"), None without _C."""
     return torch.ops.rlhf_fast_C.cpu_capability() if NATIVE_ERROR is None else None
+
+
+def cpu_gemm_engine() -> str | None:
+    """Engine of the fp32 GEMMs in the CPU tiled ops (linear_logprobs, linear_ppo_loss): "onednn"
+    or "blas" (ATen's addmm), chosen by RLHF_FAST_CPU_GEMM when set; None without _C."""
+    return torch.ops.rlhf_fast_C.cpu_gemm_engine() if NATIVE_ERROR is None else None

@@ -206,3 +206,36 @@ def test_torch_compile_fullgraph(backend):
     assert_close(l1, l2, "loss", **OUT_TOL)
     for a, b in zip(params[0], params[1], strict=True):
         assert_close(a.grad, b.grad, "grad", **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.skipif(not rlhf_fast.has_native(), reason="needs the native extension")
+def test_cpu_gemm_engines_agree():
+    """RLHF_FAST_CPU_GEMM selects the CPU tile GEMMs (oneDNN or ATen's BLAS): both give the
+    reference's outputs and gradients; an unknown engine is an error naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, rlhf_fast\n"
+        "from rlhf_fast.reference import linear_logprobs_ref\n"
+        "torch.manual_seed(0)\n"
+        "h = torch.randn(37, 24, requires_grad=True); w = torch.randn(700, 24, requires_grad=True)\n"
+        "y = torch.randint(0, 700, (37,)); y[3] = -100\n"
+        "lp, ent = rlhf_fast.linear_logprobs(h, w, y, return_entropy=True, backend='cpu', chunk_size=128)\n"
+        "gh, gw = torch.autograd.grad((lp * torch.arange(37.)).sum() + ent.sum(), (h, w))\n"
+        "rlp, rent, _ = linear_logprobs_ref(h, w, y, return_entropy=True)\n"
+        "rh, rw = torch.autograd.grad((rlp * torch.arange(37.)).sum() + rent.sum(), (h, w))\n"
+        "for a, b in ((lp, rlp), (ent, rent), (gh, rh), (gw, rw)):\n"
+        "    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)\n"
+        "print(rlhf_fast.cpu_gemm_engine())\n"
+    )
+    for engine in ("blas", "onednn"):
+        env = {**os.environ, "RLHF_FAST_CPU_GEMM": engine}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        # oneDNN is used only where ATen is built with it
+        assert out.stdout.strip() in ({engine} if engine == "blas" else {"onednn", "blas"})
+    env = {**os.environ, "RLHF_FAST_CPU_GEMM": "mkl"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "RLHF_FAST_CPU_GEMM" in out.stderr

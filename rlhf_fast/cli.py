@@ -13,7 +13,8 @@ def _info(_args) -> int:
 
     print(f"rlhf_fast {rlhf_fast.__version__} (torch {torch.__version__})")
     print(f"native extension: {'built' if rlhf_fast.has_native() else 'missing'}"
-          + (f", CPU kernels {rlhf_fast.cpu_capability()}" if rlhf_fast.has_native() else ""))
+          + (f", CPU kernels {rlhf_fast.cpu_capability()}, CPU GEMMs {rlhf_fast.cpu_gemm_engine()}"
+             if rlhf_fast.has_native() else ""))
     for name, reasons in rlhf_fast.backends_available().items():
         print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
     return 0

@@ -1,0 +1,334 @@
+"""Pieces every stage shares: device choice, model/tokenizer loading and saving, log-probs through the
+fused lm_head op, the metrics log, learning-rate schedule and atomic, resumable checkpoints.
+
+No module-level state: everything a stage needs is passed in (device, generators), so that a later
+distributed launcher can run the same code per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import rlhf_fast
+from rlhf_fast.pipeline.data import IGNORE
+
+ATTN = "rlhf_fast"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device: not a torch device: {name!r} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and tokenizers
+# ---------------------------------------------------------------------------------------------
+
+def _register_attention():
+    import rlhf_fast.integrations.transformers  # noqa: F401  registers attn_implementation="rlhf_fast"
+
+
+def build_tiny_llama(tokenizer, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+                     seed=0):
+    """A tiny ``LlamaForCausalLM`` built from a config (random init with `seed`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _register_attention()
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                      max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.set_attn_implementation(ATTN)
+    return model
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer: {name} has no eos token (the pipeline ends answers with it)")
+    tok.padding_side = "left"
+    return tok
+
+
+def _with_attention(loader, name, trust_remote_code, **kw):
+    """Load with attn_implementation="rlhf_fast", falling back to "sdpa" for models it cannot serve."""
+    _register_attention()
+    try:
+        return loader(name, attn_implementation=ATTN, trust_remote_code=trust_remote_code, **kw)
+    except (ValueError, ImportError) as e:
+        if "attn_implementation" not in str(e) and "attention" not in str(e).lower():
+            raise
+        return loader(name, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kw)
+
+
+def load_causal_lm(name: str, trust_remote_code: bool = False, device=None):
+    from transformers import AutoModelForCausalLM
+
+    if not name:
+        raise ValueError("model: a local path or hub id is required")
+    model = _with_attention(AutoModelForCausalLM.from_pretrained, name, trust_remote_code, dtype=torch.float32)
+    return model.to(device) if device is not None else model
+
+
+def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, pad_token_id=None):
+    """A sequence-classification model with one output (the reward model / critic): the causal LM's
+    network with its unembedding replaced by a scalar head ``score``."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not name:
+        raise ValueError("reward_model: a local path or hub id is required")
+    kw = {"num_labels": 1, "dtype": torch.float32}
+    if pad_token_id is not None:
+        kw["pad_token_id"] = pad_token_id
+    model = _with_attention(AutoModelForSequenceClassification.from_pretrained, name, trust_remote_code, **kw)
+    return model.to(device) if device is not None else model
+
+
+def scalar_head(model) -> torch.nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"reward_model: {type(model).__name__} has no scalar head ('score')")
+
+
+def save_model(model, tokenizer, path, extra: dict | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer, written to a temporary directory and renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if extra:
+        (tmp / "rlhf_fast.json").write_text(json.dumps(extra, indent=2))
+    _replace_dir(tmp, path)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """Positions that skip left padding (as transformers' generate computes them)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T, H) last hidden states of the model's base network."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_head_params(model) -> tuple[Tensor, Tensor | None]:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"model: {type(model).__name__} has no output embedding (lm_head)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """(B, T-1) fp32 log p(labels) (0 where labels == -100), straight from the lm_head through
+    :func:`rlhf_fast.linear_logprobs` (no (B, T, V) logits)."""
+    h = hidden_states(model, input_ids, attention_mask)[:, :-1]
+    weight, bias = lm_head_params(model)
+    return rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=temperature, ignore_index=IGNORE,
+                                     return_entropy=return_entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up then cosine decay to 10% of the peak."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def clip_grad(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if max_norm and max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics log
+# ---------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (and to TensorBoard when the
+    ``tensorboard`` package is installed)."""
+
+    def __init__(self, directory, stage: str, tensorboard: bool = True):
+        self.path = Path(directory) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(directory) / "tensorboard"))
+            except Exception:  # tensorboard not installed: the JSONL log is the record
+                self.writer = None
+
+    def log(self, step: int, **values) -> dict:
+        row = {"stage": self.stage, "step": int(step), "time": round(time.time(), 3)}
+        for k, v in values.items():
+            row[k] = float(v) if isinstance(v, Tensor | int | float) and not isinstance(v, bool) else v
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, float) and k not in ("time",):
+                    self.writer.add_scalar(f"{self.stage}/{k}", v, step)
+        return row
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (a resumed run rewrites them)."""
+        if not self.path.exists():
+            return
+        rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory, then renamed (a kill never leaves a half checkpoint)
+# ---------------------------------------------------------------------------------------------
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        meta["state"][str(idx)] = []
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(idx)].append(k)
+            else:
+                meta["state"][str(idx)].append([k, v])
+    return tensors, meta
+
+
+def _load_optimizer(opt, tensors: dict, meta: dict) -> None:
+    state = {}
+    for idx, keys in meta["state"].items():
+        st = {}
+        for k in keys:
+            if isinstance(k, list):
+                st[k[0]] = k[1]
+            else:
+                st[k] = tensors[f"{idx}.{k}"]
+        state[int(idx)] = st
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict, state: dict) -> Path:
+    """Write ``directory/checkpoint`` atomically: model weights and optimizer state as safetensors,
+    scheduler and trainer state (step, RNG state) as JSON / safetensors. Never pickle."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    final = directory / "checkpoint"
+    tmp = directory / "checkpoint.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, m in models.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+    meta = {"state": state, "optimizers": {}, "schedulers": {}}
+    for name, opt in optimizers.items():
+        tensors, om = _optimizer_tensors(opt)
+        save_file(tensors, str(tmp / f"optim_{name}.safetensors"))
+        meta["optimizers"][name] = om
+    for name, sch in schedulers.items():
+        meta["schedulers"][name] = {k: v for k, v in sch.state_dict().items() if k != "lr_lambdas"}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps(meta))
+    _replace_dir(tmp, final)
+    return final
+
+
+def load_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict) -> dict | None:
+    """Restore what :func:`save_checkpoint` wrote; returns the trainer state, or None without a checkpoint."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    ck = directory / "checkpoint"
+    if not ck.exists() and (directory / "checkpoint.old").exists():
+        ck = directory / "checkpoint.old"  # killed between the two renames
+    if not (ck / "trainer_state.json").exists():
+        return None
+    meta = json.loads((ck / "trainer_state.json").read_text())
+    for name, m in models.items():
+        m.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
+    for name, opt in optimizers.items():
+        _load_optimizer(opt, load_file(str(ck / f"optim_{name}.safetensors")), meta["optimizers"][name])
+    for name, sch in schedulers.items():
+        sd = sch.state_dict()
+        sd.update(meta["schedulers"][name])
+        sch.load_state_dict(sd)
+    rng = load_file(str(ck / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta["state"]
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A seed derived from the run seed and a position (epoch, step): data order and sampling depend only on
+    where the run is, so a resumed run draws exactly what the uninterrupted one would."""
+    s = seed & 0xFFFFFFFF
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 0x9E3779B9) & 0x7FFFFFFFFFFF
+    return s

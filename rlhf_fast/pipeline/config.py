@@ -1,0 +1,309 @@
+"""Dataclass configs of the pipeline stages, and the command-line / YAML plumbing built from them.
+
+Every field carries its help text in ``field(metadata={"help": ...})``; the CLI is generated from the
+same dataclasses (``rlhf-fast sft --lr 1e-3``; nested pipeline fields as ``--sft.lr 1e-3``), and a YAML
+file (``--config run.yaml``) sets any field first, overrides on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TaskConfig:
+    """The embedded default task (rlhf_fast/pipeline/task.py) and how much of it each stage sees."""
+
+    target_len: int = _f(6, "answer length (words before '.') the gold preference wants")
+    on_topic_prob: float = _f(0.5, "probability that a demonstration word is on the prompt's topic")
+    banned_prob: float = _f(0.08, "probability that a demonstration word is a banned word")
+    end_prob: float = _f(0.75, "probability that a demonstration ends with '.'")
+    label_noise: float = _f(0.1, "std of the simulated labeler's Gaussian noise on the gold score")
+    num_sft: int = _f(6000, "SFT demonstrations generated")
+    num_rm_prompts: int = _f(700, "reward-model prompts (K answers sampled from the SFT model for each)")
+    num_ppo_prompts: int = _f(2000, "PPO training prompts")
+    num_ptx: int = _f(2000, "ptx (pretraining-mix) texts")
+    num_eval_prompts: int = _f(128, "held-out evaluation prompts")
+    eval_samples: int = _f(4, "samples per held-out prompt when scoring a policy")
+    rm_eval_k: int = _f(6, "answers per held-out prompt for the reward model's pairwise accuracy")
+
+
+@dataclass
+class ModelConfig:
+    """Which model: a local path or hub id, or (None) a tiny Llama built from a config."""
+
+    model: str | None = _f(None, "local path or hub id of a causal LM; empty: a tiny Llama built from a config")
+    tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the model's; the default task's "
+                                     "word-level tokenizer for the tiny model)")
+    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+    hidden_size: int = _f(64, "tiny model: hidden size")
+    intermediate_size: int = _f(192, "tiny model: MLP size")
+    num_layers: int = _f(2, "tiny model: decoder layers")
+    num_heads: int = _f(4, "tiny model: attention heads")
+    num_kv_heads: int = _f(2, "tiny model: key/value heads")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on {"prompt", "response"} pairs (loss on response tokens only)."""
+
+    model: str | None = _f(None, "local path or hub id of the causal LM to fine-tune (empty: tiny Llama)")
+    data: str | None = _f(None, "JSONL of {\"prompt\", \"response\"} (empty: the default task's demonstrations)")
+    output_dir: str = _f("runs/sft", "where the model, tokenizer, metrics and checkpoints go")
+    epochs: int = _f(2, "passes over the data")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
+    batch_size: int = _f(32, "examples per optimizer step")
+    lr: float = _f(3e-3, "peak learning rate (AdamW, linear warm-up then cosine decay)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(20, "linear warm-up steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    max_prompt_len: int = _f(32, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    max_response_len: int = _f(16, "response tokens kept (including the end-of-sequence token)")
+    eval_fraction: float = _f(0.05, "fraction of the data held out for the eval loss")
+    seed: int = _f(0, "seed of initialisation, data order and sampling")
+    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
+    log_every: int = _f(10, "log metrics every this many steps")
+    checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+
+
+@dataclass
+class RMConfig:
+    """Reward model: the SFT network with a scalar head, trained with the K-wise ranking loss."""
+
+    model: str | None = _f(None, "the SFT model (path or hub id) the reward model starts from")
+    data: str | None = _f(None, "ranked JSONL {\"prompt\", \"responses\": [...], \"ranking\": [...]} "
+                                "(empty: sample K answers from the SFT model, ranked by the default task's labeler)")
+    output_dir: str = _f("runs/rm", "where the reward model, metrics and checkpoints go")
+    k_min: int = _f(4, "fewest answers sampled per prompt (default task)")
+    k_max: int = _f(9, "most answers sampled per prompt (default task)")
+    sample_temperature: float = _f(1.0, "temperature of the SFT samples that get ranked")
+    epochs: int = _f(3, "passes over the comparisons")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
+    batch_size: int = _f(16, "prompts per optimizer step (all K answers of a prompt in one batch element)")
+    lr: float = _f(1e-3, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warm-up steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    packing: str = _f("shared_prefix", "'shared_prefix' (one packed pass per prompt and its K answers) or 'padded'")
+    max_prompt_len: int = _f(32, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    max_response_len: int = _f(16, "answer tokens kept")
+    eval_fraction: float = _f(0.1, "fraction of the prompts held out for eval accuracy")
+    seed: int = _f(0, "seed of data order and sampling")
+    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
+    log_every: int = _f(10, "log metrics every this many steps")
+    checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+
+
+@dataclass
+class PPOConfig:
+    """PPO-ptx: actor from SFT, frozen reference = SFT, critic from the RM, reward = RM - beta * KL."""
+
+    policy: str | None = _f(None, "the SFT model (path or hub id): actor and frozen reference")
+    reward_model: str | None = _f(None, "the reward model (path): scores answers, and initialises the critic")
+    prompts: str | None = _f(None, "JSONL of {\"prompt\"} (empty: the default task's prompts)")
+    ptx_data: str | None = _f(None, "ptx JSONL of {\"text\"} or {\"prompt\", \"response\"} (empty: the default "
+                                    "task's ptx set; none with user prompts)")
+    output_dir: str = _f("runs/ppo", "where the policy, critic, metrics and checkpoints go")
+    iterations: int = _f(60, "rollout + update iterations")
+    prompts_per_iteration: int = _f(32, "prompts sampled per iteration")
+    samples_per_prompt: int = _f(4, "answers generated per prompt")
+    max_new_tokens: int = _f(14, "most tokens generated per answer")
+    temperature: float = _f(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    minibatch_size: int = _f(64, "answers per optimizer step")
+    lr: float = _f(5e-4, "actor learning rate")
+    critic_lr: float = _f(1e-3, "critic learning rate")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    clip_eps: float = _f(0.2, "policy ratio clip")
+    value_clip_eps: float = _f(0.2, "value clip around the rollout's values")
+    vf_coef: float = _f(0.5, "weight of the value loss (the critic has its own optimizer; kept for logging)")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    kl_coef: float = _f(0.05, "initial beta of the per-token KL penalty in the reward")
+    adaptive_kl: bool = _f(True, "adapt beta towards kl_target (Ziegler et al. controller)")
+    kl_target: float = _f(0.15, "target mean per-token KL to the reference (adaptive beta)")
+    kl_horizon: int = _f(2000, "adaptive beta horizon in answers")
+    kl_bound: float = _f(0.3, "the run's bound on mean per-token KL to SFT (checked in the summary)")
+    entropy_coef: float = _f(0.0, "entropy bonus weight")
+    ptx_coef: float = _f(0.5, "gamma: weight of the ptx log-likelihood term")
+    ptx_batch_size: int = _f(16, "ptx texts per optimizer step")
+    score_clip: float = _f(5.0, "clip of the reward-model score (0: off)")
+    rule_rewards: list = _f([], "rule rewards 'module:function' (fn(prompt, response) -> float), added to the RM score")
+    rule_reward_coef: float = _f(1.0, "weight of the summed rule rewards")
+    whiten_advantages: bool = _f(True, "normalise advantages over the batch")
+    max_prompt_len: int = _f(32, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    seed: int = _f(0, "seed of data order and sampling")
+    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
+    log_every: int = _f(1, "log metrics every this many iterations")
+    eval_every: int = _f(10, "score held-out prompts with the gold preference every this many iterations "
+                             "(default task; 0: off)")
+    checkpoint_every: int = _f(0, "write a resumable checkpoint every this many iterations (0: only at the end)")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+
+
+@dataclass
+class PipelineConfig:
+    """SFT -> reward model -> PPO-ptx, end to end (default: the embedded task with a tiny Llama)."""
+
+    output_dir: str = _f("runs/pipeline", "run directory: one sub-directory per stage, summary.json, report.md")
+    seed: int = _f(0, "seed of everything")
+    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
+    threads: int = _f(0, "torch CPU threads (0: torch's default)")
+    resume: bool = _f(False, "continue a killed run: finished stages are skipped, the running one resumes")
+    plots: bool = _f(True, "write PNG plots (needs matplotlib)")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "default task"})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "SFT stage"})
+    rm: RMConfig = field(default_factory=RMConfig, metadata={"help": "reward-model stage"})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO-ptx stage"})
+
+
+# ---------------------------------------------------------------------------------------------
+# dataclass <-> argparse / YAML / dict
+# ---------------------------------------------------------------------------------------------
+
+def _base_type(tp):
+    """(python type, optional) of a field annotation such as ``str | None``."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"list": list, "dict": dict, "str": str, "int": int, "float": float, "bool": bool})
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return (origin or tp), False
+
+
+def _parse_bool(s: str) -> bool:
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
+
+
+def _iter_fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _NESTED):
+            sub = f.type if dataclasses.is_dataclass(f.type) else _NESTED[f.type]
+            yield from _iter_fields(sub, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f
+
+
+_NESTED = {"ModelConfig": ModelConfig, "TaskConfig": TaskConfig, "SFTConfig": SFTConfig, "RMConfig": RMConfig,
+           "PPOConfig": PPOConfig}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--name`` option per field of `cls` (nested dataclasses as ``--outer.inner``), all defaulting
+    to None (= not given), plus ``--config FILE.yaml``."""
+    parser.add_argument("--config", default=None, help="YAML file setting any field (command-line options win)")
+    for name, f in _iter_fields(cls):
+        tp, _ = _base_type(f.type)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if tp is bool:
+            parser.add_argument(f"--{name}", type=_parse_bool, default=None, metavar="BOOL",
+                                help=f"{help_text} (default: {default})")
+        elif tp is list:
+            parser.add_argument(f"--{name}", nargs="*", default=None, help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(f"--{name}", type=tp, default=None, help=f"{help_text} (default: {default})")
+
+
+def _set_path(obj, dotted: str, value, source: str):
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not hasattr(obj, p) or not dataclasses.is_dataclass(getattr(obj, p)):
+            raise ValueError(f"{source}: unknown config section {p!r} in {dotted!r}")
+        obj = getattr(obj, p)
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    if parts[-1] not in names:
+        raise ValueError(f"{source}: unknown config field {dotted!r} (known: {', '.join(sorted(names))})")
+    f = names[parts[-1]]
+    tp, optional = _base_type(f.type)
+    if value is None:
+        if not optional:
+            raise ValueError(f"{source}: field {dotted!r} cannot be empty")
+    elif tp is bool:
+        value = _parse_bool(value) if isinstance(value, str) else bool(value)
+    elif tp is float and isinstance(value, int | float | str):
+        value = float(value)
+    elif tp is int and not isinstance(value, bool) and isinstance(value, int | str):
+        value = int(value)
+    elif tp is list and not isinstance(value, list):
+        raise ValueError(f"{source}: field {dotted!r} expects a list, got {value!r}")
+    elif tp is str and not isinstance(value, str):
+        value = str(value)
+    setattr(obj, parts[-1], value)
+
+
+def apply_dict(cfg, data: dict, source: str, prefix: str = ""):
+    """Set the fields of `cfg` named in `data` (nested dicts for nested dataclasses)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+    for k, v in data.items():
+        if isinstance(v, dict) and dataclasses.is_dataclass(getattr(_resolve(cfg, prefix), k, None)):
+            apply_dict(cfg, v, source, prefix + k + ".")
+        else:
+            _set_path(cfg, prefix + k, v, source)
+    return cfg
+
+
+def _resolve(cfg, prefix):
+    for p in [p for p in prefix.split(".") if p]:
+        cfg = getattr(cfg, p)
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {path} is not valid YAML: {e}") from e
+    return data
+
+
+def from_args(cls, args: argparse.Namespace):
+    """Build `cls` from defaults, then ``--config`` YAML, then the explicit command-line options."""
+    cfg = cls()
+    if getattr(args, "config", None):
+        apply_dict(cfg, load_yaml(args.config), args.config)
+    for name, _ in _iter_fields(cls):
+        v = getattr(args, name, None)
+        if v is not None:
+            _set_path(cfg, name, v, f"--{name}")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg, path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,68 @@
+"""Sampling answers with transformers' ``generate`` (sampling, temperature, top-p, KV cache), and the
+padded rollout tensors the PPO step and evaluation read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf_fast.pipeline.data import IGNORE, pad_left
+
+
+@dataclass
+class Samples:
+    """Generated answers, one row per (prompt, sample), prompts left-padded, answers right-padded.
+
+    input_ids       (B, P + N) prompt then answer tokens (pad after the answer's eos)
+    attention_mask  (B, P + N) 1 on prompt and answer tokens (the eos included)
+    response_mask   (B, P + N - 1) bool, True where position t predicts an answer token (labels[:, t] = input_ids[:, t+1])
+    labels          (B, P + N - 1) next tokens on the answer, -100 elsewhere
+    last_index      (B,) index of each answer's last token in input_ids
+    prompt_index    (B,) which prompt each row answers
+    responses       answer token ids (eos included when generated) per row
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    labels: Tensor
+    last_index: Tensor
+    prompt_index: Tensor
+    responses: list[list[int]]
+
+    def texts(self, tokenizer) -> list[str]:
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in self.responses]
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, pad_id: int, eos_id: int, device) -> Samples:
+    """`num_samples` answers per prompt (rows grouped by prompt) from ``model.generate``."""
+    was = model.training
+    model.eval()
+    ids, mask = pad_left(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
+                         top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=num_samples, use_cache=True,
+                         pad_token_id=pad_id, eos_token_id=eos_id)
+    model.train(was)
+    p = ids.shape[1]
+    gen = out[:, p:]                                                    # (B, N)
+    is_eos = gen == eos_id
+    # answer length: through the first eos, or all N tokens
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], gen.shape[1] - 1,
+                                                                                      dtype=torch.long))
+    n = gen.shape[1]
+    ans_mask = (torch.arange(n, device=device)[None] <= first_eos[:, None]).long()
+    gen = torch.where(ans_mask.bool(), gen, torch.full_like(gen, pad_id))
+    prompt_mask = mask.repeat_interleave(num_samples, 0)
+    attn = torch.cat([prompt_mask, ans_mask], 1)
+    input_ids = torch.cat([ids.repeat_interleave(num_samples, 0), gen], 1)
+    resp_mask = torch.cat([torch.zeros_like(prompt_mask), ans_mask], 1)[:, 1:].bool()
+    labels = torch.where(resp_mask.bool(), input_ids[:, 1:], torch.full_like(input_ids[:, 1:], IGNORE))
+    last = p + first_eos
+    responses = [gen[i, : int(first_eos[i]) + 1].tolist() for i in range(gen.shape[0])]
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
+    return Samples(input_ids, attn, resp_mask, labels, last, prompt_index, responses)

@@ -1,0 +1,153 @@
+"""SFT: next-token cross-entropy on the response tokens of (prompt, response) pairs, through
+:func:`rlhf_fast.linear_logprobs` (log-probs straight from the lm_head, no (B, T, V) logits)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.pipeline import common as C
+from rlhf_fast.pipeline.config import SFTConfig
+from rlhf_fast.pipeline.data import Encoder, LMBatch, lm_batch, load_sft
+
+
+def sft_loss(model, batch: LMBatch, num_items: int | None = None, temperature: float = 1.0):
+    """sum of -log p(response tokens) / num_items (default: the batch's response tokens)."""
+    logprobs = C.token_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels, temperature)
+    n = batch.num_tokens if num_items is None else num_items
+    return -logprobs.sum() / max(1, n)
+
+
+@torch.no_grad()
+def eval_nll(model, encoder: Encoder, examples: list[dict], device, batch_size: int = 64) -> float:
+    """Mean NLL per response token of `examples` (``text`` rows: every token after the first)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = encode_lm(encoder, examples[i: i + batch_size]).to(device)
+        lp = C.token_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
+        total += float(-lp.sum())
+        count += batch.num_tokens
+    model.train(was)
+    return total / max(1, count)
+
+
+def encode_lm(encoder: Encoder, rows: list[dict]) -> LMBatch:
+    prompts, responses = [], []
+    for r in rows:
+        if "text" in r and "prompt" not in r:
+            ids = encoder.tokenizer(r["text"], add_special_tokens=True)["input_ids"]
+            ids = ids[: encoder.max_prompt_len + encoder.max_response_len]
+            prompts.append(ids[:1])
+            responses.append(ids[1:])
+        else:
+            prompts.append(encoder.prompt(r["prompt"], r.get("_where", "")))
+            responses.append(encoder.response(r["response"]))
+    return lm_batch(prompts, responses, encoder.tokenizer.pad_token_id)
+
+
+class SFTTrainer:
+    """Fine-tunes a causal LM on demonstrations.
+
+    ``SFTTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "response"}, ...]).train()``;
+    without ``train_data`` the examples come from ``config.data`` (JSONL). ``model`` / ``tokenizer``
+    default to ``config.model`` loaded with ``AutoModelForCausalLM``.
+    """
+
+    def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_data: list[dict] | None = None,
+                 eval_data: list[dict] | None = None, progress: bool = True):
+        self.config = config
+        self.device = C.resolve_device(config.device)
+        if model is None:
+            if not config.model:
+                raise ValueError("model: give SFTConfig.model (a path or hub id) or pass model=")
+            model = C.load_causal_lm(config.model, config.trust_remote_code)
+        if tokenizer is None:
+            tokenizer = C.load_tokenizer(config.model, config.trust_remote_code)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        if train_data is None:
+            if not config.data:
+                raise ValueError("data: give SFTConfig.data (a JSONL file) or pass train_data=")
+            train_data = load_sft(config.data)
+        if eval_data is None:
+            n_eval = int(len(train_data) * config.eval_fraction)
+            eval_data, train_data = train_data[:n_eval], train_data[n_eval:]
+        if not train_data:
+            raise ValueError("train_data: no training examples")
+        self.train_data, self.eval_data = train_data, eval_data
+        self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
+        self.progress = progress
+        self.steps_per_epoch = max(1, len(train_data) // config.batch_size)
+        total = self.steps_per_epoch * config.epochs
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           C.lr_lambda(config.warmup_steps, self.total_steps))
+        self.step_count = 0
+
+    def batch_at(self, step: int) -> LMBatch:
+        """The batch of optimizer step `step`: a permutation per epoch seeded by (seed, epoch)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(C.step_seed(self.config.seed, epoch))
+        order = torch.randperm(len(self.train_data), generator=g)
+        idx = order[i * self.config.batch_size: (i + 1) * self.config.batch_size].tolist()
+        return encode_lm(self.encoder, [self.train_data[j] for j in idx])
+
+    def step(self, batch: LMBatch) -> dict:
+        """One optimizer step on `batch`; returns the loss (mean NLL per response token) and grad norm."""
+        self.model.train()
+        batch = batch.to(self.device)
+        loss = sft_loss(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = C.clip_grad(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return {"loss": float(loss.detach()), "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
+                "tokens": batch.num_tokens}
+
+    def _ckpt(self):
+        return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        log = C.MetricsLog(out, "sft")
+        if cfg.resume:
+            st = C.load_checkpoint(out, *self._ckpt())
+            if st is not None:
+                self.step_count = st["step"]
+                log.truncate_after(self.step_count)
+        t0 = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step_count, desc="sft", disable=not self.progress,
+                   dynamic_ncols=True)
+        while self.step_count < self.total_steps:
+            stats = self.step(self.batch_at(self.step_count))
+            bar.update(1)
+            if self.step_count % cfg.log_every == 0 or self.step_count == self.total_steps:
+                log.log(self.step_count, **stats)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 \
+                    and self.step_count < self.total_steps:
+                C.save_checkpoint(out, *self._ckpt(), {"step": self.step_count})
+        bar.close()
+        result = {"steps": self.step_count, "train_time_s": time.time() - t0}
+        if self.eval_data:
+            result["eval_loss"] = eval_nll(self.model, self.encoder, self.eval_data, self.device)
+            log.log(self.step_count, eval_loss=result["eval_loss"])
+        log.close()
+        self.save(out / "model")
+        C.save_checkpoint(out, *self._ckpt(), {"step": self.step_count, "done": True})
+        return result
+
+    def save(self, path) -> None:
+        C.save_model(self.model, self.tokenizer, path, {"stage": "sft", "config": vars(self.config)})

@@ -7,13 +7,15 @@ and run once with shared-prefix attention (rlhf_fast.integrations.transformers.s
 every answer sees exactly what it saw alone, and the prompt is computed once.
 
 Providers:
-  rlhf_fast[shared_prefix]   tiny Llama with attn_implementation="rlhf_fast", one packed shared-prefix pass
-  separate_sdpa              the same weights, K separate sequences per prompt, attn_implementation="sdpa"
-Modes: fwd (scoring, no grad), fwd+bwd (the pairwise ranking loss, gradients of every weight).
+  rlhf_fast        tiny Llama with attn_implementation="rlhf_fast", one packed shared-prefix pass; labelled
+                   rlhf_fast[shared_prefix:<backend>] by the backend the registry selects
+  separate_sdpa    the same weights, K separate sequences per prompt, attn_implementation="sdpa"
+Modes: nograd (scoring), fwd, bwd, fwd+bwd (the pairwise ranking loss, gradients of every weight).
 The reference (correctness check before timing) is the separate path with "eager" attention.
+Sweep: prompts per batch.
 
-gpu_yardstick() gives the FLOPs and bytes of attention-only GPU benchmark shapes and their time at H100
-peak (python bench/bench_attention.py --yardstick).
+The attention kernels alone are benchmarked in bench_attention_op.py; their GPU shapes' FLOPs, bytes and
+time at H100 peak come from rlhf_fast.kernels._aot (python bench/bench_attention.py --yardstick).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-OP = "attention"
+from bench.common import Workload
+
+OP = "shared_prefix_attention"
 VOCAB = 8192
 
 
@@ -54,13 +58,35 @@ class Case:
 
 
 CASES = [Case(prompts=4)]
-QUICK_CASES = [Case(prompts=2, prompt_len=128, answer_len=32, layers=2)]
-MODES = ("fwd", "fwd+bwd")
+SWEEP = [Case(prompts=2), Case(prompts=8)]
+QUICK_CASES = [Case(prompts=2, prompt_len=128, answer_len=32, layers=2),
+               Case(prompts=1, prompt_len=128, answer_len=32, layers=2)]
+GPU_CASES = [Case(prompts=p, prompt_len=1024, answer_len=256, hidden=2048, layers=4, heads=16, kv_heads=4,
+                  intermediate=5504, dtype=torch.bfloat16) for p in (2, 4, 8)]
+MODES = ("nograd", "fwd", "bwd", "fwd+bwd")
 REPS = 5
+FUSED_PROVIDERS = ["rlhf_fast"]  # the model runs on the automatic choice; no per-backend providers
+TOLERANCE = {torch.float32: (2e-3, 2e-4)}  # a 4-layer model: summation order differs between attentions
+
+
+def sweep(case: Case) -> list[tuple[str, str, int]]:
+    return [(f"K={case.k} prompt={case.prompt_len} answer={case.answer_len} L={case.layers}", "prompts",
+             case.prompts)]
+
+
+def cost(case: Case) -> list[tuple[str, dict]]:
+    """The attention calls of the shared-prefix model (every layer), for the cost model."""
+    from rlhf_fast.kernels._aot import attention_shape
+
+    shape = attention_shape("shared_prefix", groups=case.prompts, prompt=case.prompt_len, k=case.k,
+                            answer=case.answer_len, heads=case.heads, kv_heads=case.kv_heads,
+                            head_dim=case.hidden // case.heads,
+                            dtype="bf16" if case.dtype == torch.bfloat16 else "fp32")
+    return [("attention", shape)] * case.layers
 
 
 def providers(device: str) -> list[str]:
-    return ["rlhf_fast[shared_prefix]", "separate_sdpa"]
+    return ["separate_sdpa"]
 
 
 _MODELS: dict = {}
@@ -127,54 +153,35 @@ def _params(model, head):
     return list(model.parameters()) + list(head.parameters())
 
 
-def _step(forward, model, head, prompts, answers, case, mode):
-    if mode == "fwd":
-        with torch.no_grad():
-            return forward(model, head, prompts, answers)
-    for p in _params(model, head):
-        p.grad = None
-    rewards = forward(model, head, prompts, answers)
-    pairwise_loss(rewards, case.k).backward()
-    return rewards
-
-
-def _outputs(forward, model, head, prompts, answers, case, mode):
-    rewards = _step(forward, model, head, prompts, answers, case, mode).detach().float()
-    grad = None
-    if mode != "fwd":
-        grad = torch.cat([p.grad.flatten().float() for p in _params(model, head)])
-    return rewards, None, grad
-
-
-def setup(provider: str, case: Case, mode: str, device: str):
+def workload(provider: str, case: Case, device: str) -> Workload:
     prompts, answers = make_inputs(case, device)
-    if provider == "rlhf_fast[shared_prefix]":
+    if provider == "rlhf_fast":
         import rlhf_fast
         from rlhf_fast.integrations.transformers import ATTN_IMPLEMENTATION
 
         model, head = _model(case, ATTN_IMPLEMENTATION, device)
         probe = torch.empty(1, case.heads, 2, case.hidden // case.heads, device=device, dtype=case.dtype)
-        ran = "shared_prefix:" + rlhf_fast.select_backend("shared_prefix_attention", probe)
+        ran = "shared_prefix:" + rlhf_fast.select_backend(OP, probe)
         forward = _shared_rewards
     elif provider == "separate_sdpa":
         model, head = _model(case, "sdpa", device)
         ran, forward = "sdpa", _separate_rewards
     else:
         raise ValueError(provider)
-    run = lambda: _step(forward, model, head, prompts, answers, case, mode)
-    outputs = lambda: _outputs(forward, model, head, prompts, answers, case, mode)
-    return run, ran, outputs
+    return Workload(lambda: forward(model, head, prompts, answers), [], ran, lambda r: pairwise_loss(r, case.k),
+                    params=_params(model, head), label=f"rlhf_fast[{ran}]" if provider == "rlhf_fast" else None)
 
 
-def reference(case: Case, mode: str, device: str):
+def reference(case: Case, device: str) -> Workload:
     prompts, answers = make_inputs(case, device)
     model, head = _model(case, "eager", device)
-    return _outputs(_separate_rewards, model, head, prompts, answers, case, mode)
+    return Workload(lambda: _separate_rewards(model, head, prompts, answers), [], "torch",
+                    lambda r: pairwise_loss(r, case.k), params=_params(model, head))
 
 
 def grad_bytes(case: Case, mode: str) -> int:
     """Bytes of the weight gradients every method fills (subtracted from peak memory)."""
-    if mode == "fwd":
+    if mode in ("nograd", "fwd"):
         return 0
     model, head = _model(case, "eager", "cpu")
     return sum(p.numel() * p.element_size() for p in _params(model, head))
@@ -186,96 +193,11 @@ def derived(case: Case, mode: str, median_ms: float) -> dict:
             "separate_tokens": case.separate_tokens}
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU yardstick: FLOPs and compulsory bytes of attention-only shapes, time at H100 SXM peak
-# ---------------------------------------------------------------------------------------------
-
-H100_BF16_FLOPS = 989e12   # dense bf16 tensor-core peak, H100 SXM
-H100_HBM_BYTES = 3.35e12   # HBM3 bandwidth, H100 SXM
-FA2_CLASS_FLOPS = 330e12   # flash-attention-2 class fwd+bwd throughput at D = 128 on H100
-
-
-def _pairs_causal(t: int, s: int) -> int:
-    """Visible (query, key) pairs of one head under the bottom-right causal mask: row i sees
-    min(S, i + S - T + 1) keys (none when that is <= 0)."""
-    if t <= s:
-        return t * (s - t) + t * (t + 1) // 2
-    return s * (s + 1) // 2
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    heads: int
-    kv_heads: int
-    head_dim: int
-    q_tokens: int     # all query tokens of the call
-    k_tokens: int     # all key tokens of the call
-    pairs: int        # visible (query, key) pairs per head
-
-    def flops(self, mode: str) -> float:
-        fwd = 4.0 * self.heads * self.head_dim * self.pairs  # S = q k^T and O = P v, 2 flops per MAC
-        # backward: S recomputed, dV = P^T dO, dP = dO v^T, dQ = dS k, dK = dS^T q: 2.5x the forward
-        return fwd if mode == "fwd" else 3.5 * fwd
-
-    def bytes(self, mode: str, elem: int = 2) -> float:
-        q = self.q_tokens * self.heads * self.head_dim * elem
-        kv = self.k_tokens * self.kv_heads * self.head_dim * elem
-        lse = self.q_tokens * self.heads * 4
-        fwd = q + 2 * kv + q + lse                     # read q, k, v; write o, lse
-        bwd = (q + 2 * kv + 2 * q + lse) + 2 * lse + (q + 2 * kv)  # read q,k,v,o,dO,lse; delta w+r; write dq,dk,dv
-        return fwd if mode == "fwd" else fwd + bwd
-
-
-def _dense(name, b, h, t, d, causal, kv_heads=None):
-    pairs = b * (_pairs_causal(t, t) if causal else t * t)
-    return Shape(name, h, kv_heads or h, d, b * t, b * t, pairs)
-
-
-def _varlen(name, lengths, h, d):
-    return Shape(name, h, h, d, sum(lengths), sum(lengths), sum(_pairs_causal(n, n) for n in lengths))
-
-
-def _shared(name, groups, prompt, k, answer, h, d):
-    per_group = _pairs_causal(prompt, prompt) + k * (answer * prompt + _pairs_causal(answer, answer))
-    tokens = groups * (prompt + k * answer)
-    return Shape(name, h, h, d, tokens, tokens, groups * per_group)
-
-
-def gpu_shapes() -> list[Shape]:
-    varlen = [2048, 512, 1024, 4096, 256, 3072, 1536, 768, 2048, 1280, 640, 896, 1792, 384, 2304, 1024]  # 23.5k
-    return [
-        _dense("dense causal B=8 H=32 T=2048 D=128", 8, 32, 2048, 128, True),
-        _dense("dense full B=8 H=32 T=2048 D=128", 8, 32, 2048, 128, False),
-        _dense("dense causal B=8 H=32 T=2048 D=64", 8, 32, 2048, 64, True),
-        _dense("dense causal GQA B=8 H=32/8 T=2048 D=128", 8, 32, 2048, 128, True, kv_heads=8),
-        _varlen(f"varlen causal 16 seqs ({sum(varlen)} tok) H=32 D=128", varlen, 32, 128),
-        _shared("shared prefix G=8 prompt=1024 K=9 answer=256 H=32 D=128", 8, 1024, 9, 256, 32, 128),
-        _dense("separate K=9 x G=8 T=1280 (same RM batch) H=32 D=128", 72, 32, 1280, 128, True),
-    ]
-
-
-def gpu_yardstick() -> list[dict]:
-    """Per shape and mode: GFLOP, MB moved at least, time at H100 peak compute / bandwidth, and at the
-    330 TFLOP/s flash-attention-2-class fwd+bwd throughput."""
-    rows = []
-    for shape in gpu_shapes():
-        for mode in ("fwd", "fwd+bwd"):
-            f, b = shape.flops(mode), shape.bytes(mode)
-            t_compute, t_bytes = f / H100_BF16_FLOPS * 1e3, b / H100_HBM_BYTES * 1e3
-            rows.append({"shape": shape.name, "mode": mode, "GFLOP": round(f / 1e9, 1), "MB": round(b / 2**20, 1),
-                         "FLOP/byte": round(f / b, 1), "ms @989TF": round(t_compute, 3),
-                         "ms @3.35TB/s": round(t_bytes, 3), "ms @330TF": round(f / FA2_CLASS_FLOPS * 1e3, 3),
-                         "bound": "compute" if t_compute >= t_bytes else "memory"})
-    return rows
-
-
 def yardstick_markdown() -> str:
-    rows = gpu_yardstick()
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
-    return "\n".join(lines)
+    """The attention GPU shapes: FLOPs and bytes per call, time at H100 peak (rlhf_fast.kernels._aot)."""
+    from rlhf_fast.kernels._aot import attention_table, markdown_table
+
+    return markdown_table(attention_table())
 
 
 if __name__ == "__main__":

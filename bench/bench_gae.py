@@ -7,7 +7,8 @@ Providers:
   eager                 reference.gae_ref: the vectorized torch version (two doubling scans, log2(T)
                         steps), the torch backend
   compile               torch.compile of gae_ref
-Modes: fwd only (GAE is computed from detached rewards and values; there is no backward).
+Mode: nograd only (GAE is computed from detached rewards and values; there is no backward).
+Sweep: sequence length at B = 256 fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
+from bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import gae_loop_ref, gae_ref
 
 OP = "gae"
@@ -40,16 +42,31 @@ class Case:
 
 CASES = [Case(256, 2048), Case(256, 2048, whiten=True), Case(256, 2048, torch.bfloat16),
          Case(256, 2048, whiten=True, packed=True)]
-QUICK_CASES = [Case(64, 512), Case(64, 512, whiten=True, packed=True)]
-MODES = ("fwd",)
+SWEEP = [Case(256, t) for t in (256, 512, 1024, 4096)]
+QUICK_CASES = [Case(64, 512), Case(64, 256), Case(64, 512, whiten=True, packed=True)]
+GPU_CASES = [Case(256, 2048), Case(256, 2048, whiten=True), Case(256, 2048, torch.bfloat16),
+             Case(256, 2048, whiten=True, packed=True), Case(1024, 4096)]
+MODES = ("nograd",)
+REPS = 21
+
+
+def sweep(case: Case) -> list[tuple[str, str, int]]:
+    if case.whiten or case.packed:
+        return []
+    return [(f"B={case.batch} {dtype_name(case.dtype)}", "seq length", case.steps)]
+
+
+def cost(case: Case) -> dict:
+    """Shape for the cost model: the tokens the kernel scans (a packed case holds only the valid spans)."""
+    tokens = make_inputs(case, "cpu")[0].numel()
+    return dict(tokens=tokens, sequences=case.batch, dtype=dtype_name(case.dtype), whiten=case.whiten)
 
 _compiled = {}
 torch._dynamo.config.recompile_limit = 64
 
 
 def providers(device: str) -> list[str]:
-    fused = ["rlhf_fast[cpu]"] if device == "cpu" else ["rlhf_fast[triton]", "rlhf_fast[cuda]"]
-    return fused + ["loop", "eager", "compile"]
+    return ["loop", "eager", "compile"]
 
 
 def make_inputs(case: Case, device: str):
@@ -74,52 +91,36 @@ def make_inputs(case: Case, device: str):
     return rewards.to(device=device, dtype=case.dtype), values.to(device=device, dtype=case.dtype), mask.to(device), cu
 
 
-def setup(provider: str, case: Case, mode: str, device: str):
-    """Returns (fn, backend_name, outputs_fn) or None when the provider does not apply.
-    outputs_fn() -> (advantages, returns, None) for the check against the reference."""
-    if mode != "fwd":
-        return None
+def workload(provider: str, case: Case, device: str) -> Workload:
     rewards, values, mask, cu = make_inputs(case, device)
     kw = dict(gamma=GAMMA, lam=LAM, whiten=case.whiten, cu_seqlens=cu)
-    if provider.startswith("rlhf_fast["):
-        backend = provider[len("rlhf_fast["):-1]
-        try:
-            ran = rlhf_fast.select_backend(OP, rewards.reshape(-1), values.reshape(-1), backend=backend)
-        except ValueError:
-            return None
-        fn = lambda: rlhf_fast.gae(rewards, values, mask, backend=backend, **kw)
+    label = None
+    if is_fused(provider):
+        backend, ran = fused_backend(provider, OP, rewards.reshape(-1), values.reshape(-1))
+        fn = lambda r, v: rlhf_fast.gae(r, v, mask, backend=backend, **kw)
+        label = f"rlhf_fast[{ran}]"
     elif provider == "loop":
         ran = "torch"
-        fn = lambda: gae_loop_ref(rewards, values, mask, **kw)
+        fn = lambda r, v: gae_loop_ref(r, v, mask, **kw)
     elif provider == "eager":
         ran = "torch"
-        fn = lambda: gae_ref(rewards, values, mask, **kw)
+        fn = lambda r, v: gae_ref(r, v, mask, **kw)
     elif provider == "compile":
         ran = "inductor"
         if "fn" not in _compiled:
             _compiled["fn"] = torch.compile(gae_ref)
-        fn = lambda: _compiled["fn"](rewards, values, mask, **kw)
+        fn = lambda r, v: _compiled["fn"](r, v, mask, **kw)
     else:
         raise ValueError(provider)
-
-    def outputs():
-        adv, ret = fn()
-        return adv, ret, None
-
-    return fn, ran, outputs
+    return Workload(fn, [rewards, values], ran, None, label=label)
 
 
-def reference(case: Case, mode: str, device: str):
+def reference(case: Case, device: str) -> Workload:
     rewards, values, mask, cu = make_inputs(case, device)
-    adv, ret = gae_loop_ref(rewards, values, mask, gamma=GAMMA, lam=LAM, whiten=case.whiten, cu_seqlens=cu)
-    return adv, ret, None
+    return Workload(lambda r, v: gae_loop_ref(r, v, mask, gamma=GAMMA, lam=LAM, whiten=case.whiten, cu_seqlens=cu),
+                    [rewards, values], "torch", None)
 
 
 def derived(case: Case, mode: str, median_ms: float) -> dict:
-    """Bytes the kernel must move at least (rewards, values, mask read once; advantages and returns
-    written once) and the implied GB/s, and tokens per second."""
-    tokens = make_inputs(case, "cpu")[0].numel()
-    elem = torch.finfo(case.dtype).bits // 8
-    nbytes = tokens * (2 * elem + 1 + 8)
-    return {"min_bytes": nbytes, "GB/s": round(nbytes / median_ms / 1e6, 2),
-            "Mtok/s": round(tokens / median_ms / 1e3, 1)}
+    """Tokens scanned per second."""
+    return {"Mtok/s": round(cost(case)["tokens"] / median_ms / 1e3, 1)}

@@ -1,20 +1,23 @@
 """gather_logprobs benchmark cases.
 
 Providers:
-  rlhf_fast[<backend>]  the fused op on one backend (cpu here; triton/cuda on a GPU)
+  rlhf_fast[<backend>]  the fused op (the automatic choice, and every other backend that runs here)
   eager                 log_softmax(logits.float()).gather(labels): what trainers write
   compile               torch.compile of the same function (inductor)
-  floor                 logits.sum(): one read of the logits, the forward's memory floor
-Modes: fwd (no grad), fwd+bwd (upstream gradient on the log-probs, grad of the logits).
+  liger                 Liger-Kernel's cross entropy with reduction="none" (= -logprob), GPU only
+  floor                 logits.sum(): one read of the logits, the forward's memory floor (nograd only)
+Sweeps: vocabulary at N = 4096 bf16, tokens at V = 32000 bf16.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 import rlhf_fast
+from bench.common import Skip, Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import gather_logprobs_ref
 
 OP = "gather_logprobs"
@@ -33,10 +36,27 @@ class Case:
         return f"({self.n}, {self.vocab}) {dt}" + (" +entropy" if self.entropy else "")
 
 
-CASES = [Case(4096, 32000, torch.float32), Case(4096, 32000, torch.bfloat16),
-         Case(4096, 32000, torch.bfloat16, entropy=True), Case(512, 128256, torch.bfloat16)]
-QUICK_CASES = [Case(1024, 32000, torch.float32), Case(1024, 32000, torch.bfloat16)]
-MODES = ("fwd", "fwd+bwd")
+BF16 = torch.bfloat16
+CASES = [Case(4096, 32000, torch.float32), Case(4096, 32000, BF16), Case(4096, 32000, BF16, entropy=True),
+         Case(512, 128256, BF16)]
+SWEEP = [Case(4096, v, BF16) for v in (8192, 65536, 128256)] + [Case(n, 32000, BF16) for n in (1024, 2048, 8192)]
+QUICK_CASES = [Case(1024, 32000, torch.float32), Case(1024, 32000, BF16), Case(1024, 8192, BF16)]
+GPU_CASES = [Case(8192, 32000, BF16), Case(8192, 128256, BF16), Case(8192, 128256, BF16, entropy=True),
+             Case(8192, 65536, BF16), Case(4096, 128256, BF16), Case(16384, 128256, BF16)]
+MODES = ("nograd", "fwd", "bwd", "fwd+bwd")
+
+
+def sweep(case: Case) -> list[tuple[str, str, int]]:
+    """(series, swept axis, value) of the plots this case is a point of."""
+    if case.entropy:
+        return []
+    dt = dtype_name(case.dtype)
+    return [(f"N={case.n} {dt}", "vocab", case.vocab), (f"V={case.vocab} {dt}", "tokens", case.n)]
+
+
+def cost(case: Case) -> dict:
+    """Shape of the case for the analytic cost model (rlhf_fast.kernels._aot.op_cost)."""
+    return dict(n=case.n, vocab=case.vocab, dtype=dtype_name(case.dtype), entropy=case.entropy)
 
 
 def eager_logprobs(logits, labels):
@@ -55,9 +75,15 @@ torch._dynamo.config.recompile_limit = 64
 
 
 def providers(device: str) -> list[str]:
-    fused = [f"rlhf_fast[{b}]" for b in ("cpu",) if device == "cpu"] or \
-            [f"rlhf_fast[{b}]" for b in ("triton", "cuda")]
-    return fused + ["eager", "compile", "floor"]
+    peers = ["liger"] if device == "cuda" and importlib.util.find_spec("liger_kernel") else []
+    return ["eager", "compile"] + peers + ["floor"]
+
+
+def peers_missing(device: str) -> dict[str, str]:
+    """Peers this suite knows but cannot run here, and why (reported by the runner)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return {"liger": "liger_kernel is not installed"}
+    return {} if device == "cuda" else {"liger": "Liger-Kernel runs on CUDA only"}
 
 
 def make_inputs(case: Case, device: str):
@@ -68,76 +94,58 @@ def make_inputs(case: Case, device: str):
     return logits, labels, grad
 
 
-def setup(provider: str, case: Case, mode: str, device: str):
-    """Returns (fn, backend_name, outputs_fn) or None when the provider does not apply.
-
-    outputs_fn() runs once and returns (logprobs, entropy or None, grad or None) for the
-    equality check against the reference that precedes every timing.
-    """
+def workload(provider: str, case: Case, device: str) -> Workload:
     logits, labels, grad = make_inputs(case, device)
+
+    def loss(out):
+        if case.entropy:
+            lp, ent = out
+            return (lp * grad).sum() + (ent * grad).sum()
+        return (out * grad).sum()
+
+    label = None
     if provider == "floor":
-        return (lambda: logits.sum(), "torch", None) if mode == "fwd" else None
-    if provider.startswith("rlhf_fast["):
-        backend = provider[len("rlhf_fast["):-1]
-        try:
-            ran = rlhf_fast.select_backend(OP, logits, backend=backend)
-        except ValueError:
-            return None
+        return Workload(lambda x: x.sum(), [logits], "torch", None, check=False)
+    if is_fused(provider):
+        backend, ran = fused_backend(provider, OP, logits)
         fwd = lambda x: rlhf_fast.gather_logprobs(x, labels, return_entropy=case.entropy, backend=backend)
+        label = f"rlhf_fast[{ran}]"
     elif provider == "eager":
         ran = "torch"
         base = eager_logprobs_entropy if case.entropy else eager_logprobs
         fwd = lambda x: base(x, labels)
     elif provider == "compile":
         ran = "inductor"
-        key = case.entropy
-        if key not in _compiled:
-            _compiled[key] = torch.compile(eager_logprobs_entropy if case.entropy else eager_logprobs)
-        fn = _compiled[key]
+        if case.entropy not in _compiled:
+            _compiled[case.entropy] = torch.compile(eager_logprobs_entropy if case.entropy else eager_logprobs)
+        fn = _compiled[case.entropy]
         fwd = lambda x: fn(x, labels)
+    elif provider == "liger":
+        if case.entropy:
+            raise Skip("Liger's cross entropy returns no entropy")
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        ran = "liger"
+        fwd = lambda x: -liger_cross_entropy(x, labels, reduction="none")
     else:
         raise ValueError(provider)
-
-    def loss_of(out):
-        if case.entropy:
-            lp, ent = out
-            return (lp * grad).sum() + (ent * grad).sum()
-        return (out * grad).sum()
-
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fwd(logits)
-    else:
-        def run():
-            x = logits.detach().requires_grad_(True)
-            loss_of(fwd(x)).backward()
-            return x.grad
-
-    def outputs():
-        x = logits.detach().requires_grad_(mode != "fwd")
-        out = fwd(x)
-        lp, ent = out if case.entropy else (out, None)
-        if mode != "fwd":
-            loss_of(out).backward()
-        return lp.detach(), None if ent is None else ent.detach(), x.grad
-
-    return run, ran, outputs
+    return Workload(fwd, [logits], ran, loss, label=label)
 
 
-def reference(case: Case, mode: str, device: str):
+def reference(case: Case, device: str) -> Workload:
     logits, labels, grad = make_inputs(case, device)
-    x = logits.detach().requires_grad_(mode != "fwd")
-    lp, ent, _ = gather_logprobs_ref(x, labels, return_entropy=case.entropy)
-    if mode != "fwd":
-        loss = (lp * grad).sum() + ((ent * grad).sum() if case.entropy else 0)
-        loss.backward()
-    return lp.detach(), None if ent is None else ent.detach(), x.grad
+
+    def fwd(x):
+        lp, ent, _ = gather_logprobs_ref(x, labels, return_entropy=case.entropy)
+        return (lp, ent) if case.entropy else lp
+
+    def loss(out):
+        lp, ent = out if case.entropy else (out, None)
+        return (lp * grad).sum() + ((ent * grad).sum() if case.entropy else 0)
+
+    return Workload(fwd, [logits], "torch", loss)
 
 
-def derived(case: Case, mode: str, median_ms: float) -> dict:
-    """Bytes the fused kernels must move at least (logits read once forward; read + grad write
-    backward) and the implied GB/s."""
-    elem = torch.finfo(case.dtype).bits // 8
-    nbytes = case.n * case.vocab * elem * (1 if mode == "fwd" else 3)
-    return {"min_bytes": nbytes, "GB/s": round(nbytes / median_ms / 1e6, 1)}
+def grad_bytes(case: Case, mode: str) -> int:
+    """Bytes of the gradient every method returns (subtracted from peak memory)."""
+    return 0 if mode in ("nograd", "fwd") else case.n * case.vocab * (torch.finfo(case.dtype).bits // 8)

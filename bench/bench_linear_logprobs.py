@@ -1,14 +1,15 @@
 """linear_logprobs benchmark cases.
 
 Providers:
-  rlhf_fast[<backend>]  the fused op (cpu here; triton/cuda on a GPU)
+  rlhf_fast[<backend>]  the fused op (the automatic choice, and every other backend that runs here)
   eager                 hidden @ weight.T -> log_softmax -> gather: what trainers write
   compile               torch.compile of the same function
   trl                   trl.kernels.ChunkedLogProbFunction (TRL's chunked log-probs; torch fallback on CPU),
                         when trl is installed
-Modes: fwd (no grad: reference / old-policy log-probs), fwd+bwd (gradients of hidden and weight).
-Memory (bench/run.py --memory): peak RSS of a fresh process above its inputs and the gradient
-buffers every method must fill (grad_hidden, grad_weight).
+  liger                 Liger-Kernel's fused linear cross entropy, reduction="none" (= -logprob), GPU only
+Sweep: vocabulary at N = 2048, H = 512.
+Memory (--memory): peak RSS of a fresh process above its inputs and the gradient buffers every method
+must fill (grad_hidden, grad_weight).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
+from bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import linear_logprobs_ref
 
 OP = "linear_logprobs"
@@ -37,16 +39,38 @@ class Case:
 
 
 CASES = [Case(2048, 512, 32768), Case(2048, 512, 131072)]
+SWEEP = [Case(2048, 512, 8192), Case(2048, 512, 65536)]
 REPS = 5  # seconds per call for eager at V=131072
-QUICK_CASES = [Case(512, 256, 8192)]
-MODES = ("fwd", "fwd+bwd")
+QUICK_CASES = [Case(512, 256, 8192), Case(512, 256, 16384)]
+GPU_CASES = [Case(8192, 4096, v, torch.bfloat16) for v in (32000, 65536, 128256)]
+MODES = ("nograd", "fwd", "bwd", "fwd+bwd")
 TRL_CHUNK = 4096
 
 
+def sweep(case: Case) -> list[tuple[str, str, int]]:
+    return [(f"N={case.n} H={case.hdim} {dtype_name(case.dtype)}", "vocab", case.vocab)]
+
+
+def cost(case: Case) -> dict:
+    return dict(n=case.n, hidden=case.hdim, vocab=case.vocab, dtype=dtype_name(case.dtype))
+
+
 def providers(device: str) -> list[str]:
-    fused = ["rlhf_fast[cpu]"] if device == "cpu" else ["rlhf_fast[triton]", "rlhf_fast[cuda]"]
     extra = ["trl"] if importlib.util.find_spec("trl") is not None else []
-    return fused + ["eager", "compile"] + extra
+    if device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        extra.append("liger")
+    return ["eager", "compile"] + extra
+
+
+def peers_missing(device: str) -> dict[str, str]:
+    missing = {}
+    if importlib.util.find_spec("trl") is None:
+        missing["trl"] = "trl is not installed"
+    if importlib.util.find_spec("liger_kernel") is None:
+        missing["liger"] = "liger_kernel is not installed"
+    elif device != "cuda":
+        missing["liger"] = "Liger-Kernel runs on CUDA only"
+    return missing
 
 
 def make_inputs(case: Case, device: str):
@@ -67,15 +91,13 @@ _compiled = {}
 torch._dynamo.config.recompile_limit = 64
 
 
-def setup(provider: str, case: Case, mode: str, device: str):
+def workload(provider: str, case: Case, device: str) -> Workload:
     hidden, weight, labels, grad = make_inputs(case, device)
-    if provider.startswith("rlhf_fast["):
-        backend = provider[len("rlhf_fast["):-1]
-        try:
-            ran = rlhf_fast.select_backend(OP, hidden, weight, backend=backend)
-        except ValueError:
-            return None
+    label = None
+    if is_fused(provider):
+        backend, ran = fused_backend(provider, OP, hidden, weight)
         fwd = lambda h, w: rlhf_fast.linear_logprobs(h, w, labels, backend=backend)
+        label = f"rlhf_fast[{ran}]"
     elif provider == "eager":
         ran = "torch"
         fwd = lambda h, w: eager_logprobs(h, w, labels)
@@ -89,52 +111,25 @@ def setup(provider: str, case: Case, mode: str, device: str):
 
         ran = "trl-chunked"
         fwd = lambda h, w: ChunkedLogProbFunction.apply(h, w, None, labels, 1.0, TRL_CHUNK, None, 1.0, ())[0]
+    elif provider == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        ran = "liger"
+        fwd = lambda h, w: -liger_fused_linear_cross_entropy(h, w, labels, reduction="none")
     else:
         raise ValueError(provider)
-
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fwd(hidden, weight)
-    else:
-        def run():
-            h = hidden.detach().requires_grad_(True)
-            w = weight.detach().requires_grad_(True)
-            (fwd(h, w) * grad).sum().backward()
-            return h.grad, w.grad
-
-    def outputs():
-        h = hidden.detach().requires_grad_(mode != "fwd")
-        w = weight.detach().requires_grad_(mode != "fwd")
-        lp = fwd(h, w)
-        if mode != "fwd":
-            (lp * grad).sum().backward()
-            return lp.detach(), None, torch.cat([h.grad.flatten(), w.grad.flatten()])
-        return lp.detach(), None, None
-
-    return run, ran, outputs
+    return Workload(fwd, [hidden, weight], ran, lambda lp: (lp * grad).sum(), label=label)
 
 
-def reference(case: Case, mode: str, device: str):
+def reference(case: Case, device: str) -> Workload:
     hidden, weight, labels, grad = make_inputs(case, device)
-    h = hidden.detach().requires_grad_(mode != "fwd")
-    w = weight.detach().requires_grad_(mode != "fwd")
-    lp, _, _ = linear_logprobs_ref(h, w, labels)
-    if mode != "fwd":
-        (lp * grad).sum().backward()
-        return lp.detach(), None, torch.cat([h.grad.flatten(), w.grad.flatten()])
-    return lp.detach(), None, None
+    return Workload(lambda h, w: linear_logprobs_ref(h, w, labels)[0], [hidden, weight], "torch",
+                    lambda lp: (lp * grad).sum())
 
 
 def grad_bytes(case: Case, mode: str) -> int:
     """Bytes of the gradients every method must return (subtracted from peak memory)."""
-    if mode == "fwd":
+    if mode in ("nograd", "fwd"):
         return 0
     elem = torch.finfo(case.dtype).bits // 8
     return (case.n + case.vocab) * case.hdim * elem
-
-
-def derived(case: Case, mode: str, median_ms: float) -> dict:
-    gemms = 1 if mode == "fwd" else 3  # the useful GEMMs (the fused backward recomputes one more)
-    flops = 2 * case.n * case.hdim * case.vocab * gemms
-    return {"useful_GFLOP/s": round(flops / median_ms / 1e6, 1)}

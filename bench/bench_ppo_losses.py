@@ -12,10 +12,10 @@ Ops (the first word of a case's name):
   policy  ppo_policy_loss (clip-higher and dual clip on), loss and its six statistics
   value   value_loss, loss and its two statistics
   kl      kl_penalty (k3), upstream gradient a fixed random (B, T) tensor
-Modes: fwd (no grad), fwd+bwd (gradients w.r.t. logprobs and values).
+Sweep: tokens per row (T) at B = 64 fp32, every op together.
 
-The outputs compared with the reference before timing are (loss and statistics as one vector, None,
-the gradients concatenated).
+The outputs compared with the reference before timing are the loss and the statistics, and the
+gradients of logprobs and values.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
+from bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import (
     PPO_POLICY_STATS,
     VALUE_STATS,
@@ -33,8 +34,9 @@ from rlhf_fast.reference import (
     value_loss_ref,
 )
 
-OP = "ppo_policy_loss"  # the op whose backend choice a provider reports
+OP = "ppo_policy_loss"  # the op whose backend choice a provider reports ("value" and "kl" cases: their own)
 OPS = ("all", "policy", "value", "kl")
+CASE_OP = {"all": "ppo_policy_loss", "policy": "ppo_policy_loss", "value": "value_loss", "kl": "kl_penalty"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,11 @@ CASES = [Case(op, 64, 2048, torch.float32) for op in OPS] + [
     Case("all", 64, 2048, torch.bfloat16),
     Case("all", 256, 4096, torch.bfloat16),
 ]
-QUICK_CASES = [Case("all", 64, 2048, torch.float32), Case("policy", 64, 2048, torch.float32)]
-MODES = ("fwd", "fwd+bwd")
+SWEEP = [Case("all", 64, t, torch.float32) for t in (512, 1024, 4096)]
+QUICK_CASES = [Case("all", 64, 2048, torch.float32), Case("all", 64, 1024, torch.float32),
+               Case("policy", 64, 2048, torch.float32)]
+GPU_CASES = [Case(op, 256, 4096, torch.bfloat16) for op in OPS] + [Case("all", 256, 4096, torch.float32)]
+MODES = ("nograd", "fwd", "bwd", "fwd+bwd")
 # Sub-millisecond cases on a shared 2-core machine: more repetitions than the runner's default 11.
 REPS = 101
 
@@ -62,10 +67,22 @@ REPS = 101
 torch._dynamo.config.recompile_limit = 64
 
 
+def sweep(case: Case) -> list[tuple[str, str, int]]:
+    if case.op != "all" or case.n != 64:
+        return []
+    return [(f"all B={case.n} {dtype_name(case.dtype)}", "T", case.length)]
+
+
+def cost(case: Case) -> list[tuple[str, dict]]:
+    """(op, shape) pairs of the analytic cost model, summed by the runner."""
+    shape = dict(tokens=case.n * case.length, dtype=dtype_name(case.dtype))
+    ops = {"all": ("ppo_policy_loss", "value_loss", "kl_penalty"), "policy": ("ppo_policy_loss",),
+           "value": ("value_loss",), "kl": ("kl_penalty",)}[case.op]
+    return [(op, shape) for op in ops]
+
+
 def providers(device: str) -> list[str]:
-    fused = [f"rlhf_fast[{b}]" for b in ("cpu",) if device == "cpu"] or \
-            [f"rlhf_fast[{b}]" for b in ("triton", "cuda")]
-    return fused + ["eager", "compile"]
+    return ["eager", "compile"]
 
 
 def make_inputs(case: Case, device: str) -> dict[str, torch.Tensor]:
@@ -83,10 +100,9 @@ def make_inputs(case: Case, device: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _impls(provider: str):
+def _impls(provider: str, backend: str | None = None):
     """(kl_penalty, ppo_policy_loss, value_loss) of a provider, with the public functions' signatures."""
-    if provider.startswith("rlhf_fast["):
-        backend = provider[len("rlhf_fast["):-1]
+    if is_fused(provider):
         return (lambda *a, **k: rlhf_fast.kl_penalty(*a, **k, backend=backend),
                 lambda *a, **k: rlhf_fast.ppo_policy_loss(*a, **k, backend=backend),
                 lambda *a, **k: rlhf_fast.value_loss(*a, **k, backend=backend))
@@ -118,8 +134,8 @@ def _step(op: str, impls, t: dict, x: torch.Tensor, v: torch.Tensor):
 _compiled = {}
 
 
-def _function(provider: str, op: str):
-    impls = _impls(provider)
+def _function(provider: str, op: str, backend: str | None = None):
+    impls = _impls(provider, backend)
     fn = lambda t, x, v: _step(op, impls, t, x, v)
     if provider == "compile":
         if op not in _compiled:
@@ -128,70 +144,29 @@ def _function(provider: str, op: str):
     return fn
 
 
-def setup(provider: str, case: Case, mode: str, device: str):
-    """Returns (fn, backend_name, outputs_fn) or None when the provider does not apply."""
+def workload(provider: str, case: Case, device: str) -> Workload:
     t = make_inputs(case, device)
-    if provider.startswith("rlhf_fast["):
-        backend = provider[len("rlhf_fast["):-1]
-        try:
-            ran = rlhf_fast.select_backend(OP, t["logprobs"], backend=backend)
-        except ValueError:
-            return None
+    backend, label = None, None
+    if is_fused(provider):
+        backend, ran = fused_backend(provider, CASE_OP[case.op], t["logprobs"])
+        label = f"rlhf_fast[{ran}]"
     elif provider in ("eager", "compile"):
         ran = "torch" if provider == "eager" else "inductor"
     else:
         raise ValueError(provider)
-    fn = _function(provider, case.op)
-
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(t, t["logprobs"], t["values"])
-    else:
-        def run():
-            x = t["logprobs"].detach().requires_grad_(True)
-            v = t["values"].detach().requires_grad_(True)
-            loss, _ = fn(t, x, v)
-            loss.backward()
-            return x.grad, v.grad
-
-    def outputs():
-        return _outputs(fn, t, mode)
-
-    return run, ran, outputs
+    fn = _function(provider, case.op, backend)
+    return Workload(lambda x, v: fn(t, x, v), [t["logprobs"], t["values"]], ran, lambda out: out[0], label=label)
 
 
-def _outputs(fn, t, mode):
-    grad = mode != "fwd"
-    x = t["logprobs"].detach().requires_grad_(grad)
-    v = t["values"].detach().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        loss, values = fn(t, x, v)
-    if not grad:
-        return values, None, None
-    loss.backward()
-    grads = [g.reshape(-1) for g in (x.grad, v.grad) if g is not None]
-    return values, None, torch.cat(grads)
-
-
-def reference(case: Case, mode: str, device: str):
-    return _outputs(lambda t, x, v: _step(case.op, _impls("eager"), t, x, v), make_inputs(case, device), mode)
-
-
-def derived(case: Case, mode: str, median_ms: float) -> dict:
-    """Bytes the fused ops must move at least: every input read once (and each gradient written once
-    in fwd+bwd), and the implied GB/s."""
-    elem = torch.finfo(case.dtype).bits // 8
-    tokens = case.n * case.length
-    reads = {"all": 7 * elem + 1, "policy": 3 * elem + 1, "value": 3 * elem + 1, "kl": 2 * elem}[case.op]
-    grads = {"all": 2, "policy": 1, "value": 1, "kl": 1}[case.op] if mode != "fwd" else 0
-    nbytes = tokens * (reads + grads * elem + (4 if case.op == "kl" and mode != "fwd" else 0))
-    return {"min_bytes": nbytes, "GB/s": round(nbytes / median_ms / 1e6, 1)}
+def reference(case: Case, device: str) -> Workload:
+    t = make_inputs(case, device)
+    return Workload(lambda x, v: _step(case.op, _impls("eager"), t, x, v), [t["logprobs"], t["values"]], "torch",
+                    lambda out: out[0])
 
 
 def grad_bytes(case: Case, mode: str) -> int:
     """Bytes of the gradients every provider returns (bench/memory.py subtracts them)."""
-    if mode == "fwd":
+    if mode in ("nograd", "fwd"):
         return 0
     n_grads = 2 if case.op == "all" else 1
     return n_grads * case.n * case.length * (torch.finfo(case.dtype).bits // 8)

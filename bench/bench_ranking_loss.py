@@ -6,7 +6,7 @@ Providers:
                         InstructGPT loss reads, and how per-pair implementations run it)
   eager                 reference.ranking_loss_ref: vectorized over (P, K, K) pair matrices
   compile               torch.compile of ranking_loss_ref
-Modes: fwd (no grad), fwd+bwd (gradient of the rewards).
+Sweep: K at P = 1024 (ordered candidates).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
+from bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import ranking_loss_loop_ref, ranking_loss_ref
 
 OP = "ranking_loss"
@@ -35,17 +36,28 @@ class Case:
 
 
 CASES = [Case(1024, 9), Case(1024, 9, ranked=False), Case(1024, 9, torch.bfloat16), Case(8192, 2, ranked=False)]
-QUICK_CASES = [Case(256, 9), Case(256, 9, ranked=False)]
-MODES = ("fwd", "fwd+bwd")
+SWEEP = [Case(1024, k, ranked=False) for k in (2, 4, 16)]
+QUICK_CASES = [Case(256, 9), Case(256, 9, ranked=False), Case(256, 4, ranked=False)]
+GPU_CASES = [Case(1024, 9), Case(8192, 9), Case(8192, 2, ranked=False), Case(1024, 64, ranked=False)]
+MODES = ("nograd", "fwd", "bwd", "fwd+bwd")
 REPS = 5  # the per-pair loop takes seconds at P = 1024
+
+
+def sweep(case: Case) -> list[tuple[str, str, int]]:
+    if case.ranked:
+        return []
+    return [(f"P={case.prompts} {dtype_name(case.dtype)} ordered", "K", case.k)]
+
+
+def cost(case: Case) -> dict:
+    return dict(prompts=case.prompts, k=case.k, dtype=dtype_name(case.dtype), ranked=case.ranked)
 
 _compiled = {}
 torch._dynamo.config.recompile_limit = 64
 
 
 def providers(device: str) -> list[str]:
-    fused = ["rlhf_fast[cpu]"] if device == "cpu" else ["rlhf_fast[triton]", "rlhf_fast[cuda]"]
-    return fused + ["loop", "eager", "compile"]
+    return ["loop", "eager", "compile"]
 
 
 def make_inputs(case: Case, device: str):
@@ -59,17 +71,13 @@ def make_inputs(case: Case, device: str):
     return rewards, kwargs
 
 
-def setup(provider: str, case: Case, mode: str, device: str):
-    """Returns (fn, backend_name, outputs_fn) or None when the provider does not apply.
-    outputs_fn() -> (loss, None, grad or None) for the check against the reference."""
+def workload(provider: str, case: Case, device: str) -> Workload:
     rewards, kwargs = make_inputs(case, device)
-    if provider.startswith("rlhf_fast["):
-        backend = provider[len("rlhf_fast["):-1]
-        try:
-            ran = rlhf_fast.select_backend(OP, rewards, backend=backend)
-        except ValueError:
-            return None
+    label = None
+    if is_fused(provider):
+        backend, ran = fused_backend(provider, OP, rewards)
         loss_fn = lambda r: rlhf_fast.ranking_loss(r, backend=backend, **kwargs)[0]
+        label = f"rlhf_fast[{ran}]"
     elif provider == "loop":
         ran = "torch"
         loss_fn = lambda r: ranking_loss_loop_ref(r, **kwargs)[0]
@@ -83,34 +91,12 @@ def setup(provider: str, case: Case, mode: str, device: str):
         loss_fn = lambda r: _compiled["fn"](r, **kwargs)[0]
     else:
         raise ValueError(provider)
-
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return loss_fn(rewards)
-    else:
-        def run():
-            r = rewards.detach().requires_grad_(True)
-            loss_fn(r).backward()
-            return r.grad
-
-    def outputs():
-        r = rewards.detach().requires_grad_(mode != "fwd")
-        loss = loss_fn(r)
-        if mode != "fwd":
-            loss.backward()
-        return loss.detach(), None, r.grad
-
-    return run, ran, outputs
+    return Workload(lambda r: loss_fn(r).reshape(1), [rewards], ran, lambda loss: loss.sum(), label=label)
 
 
-def reference(case: Case, mode: str, device: str):
+def reference(case: Case, device: str) -> Workload:
     rewards, kwargs = make_inputs(case, device)
-    r = rewards.detach().requires_grad_(mode != "fwd")
-    loss = ranking_loss_ref(r, **kwargs)[0]
-    if mode != "fwd":
-        loss.backward()
-    return loss.detach(), None, r.grad
+    return Workload(lambda r: ranking_loss_ref(r, **kwargs)[0].reshape(1), [rewards], "torch", lambda loss: loss.sum())
 
 
 def derived(case: Case, mode: str, median_ms: float) -> dict:

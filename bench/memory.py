@@ -6,7 +6,7 @@ runs the case once more and reports VmHWM - VmRSS(before) - the bytes of the gra
 must return (every method fills the same gradient buffers). GPU: torch.cuda peak allocated, same
 rule.
 
-    python -m bench.memory <suite> <provider> <case index> <mode>   # prints one JSON line
+    python -m bench.memory <suite> <provider> <case index> <mode> [device] [quick]   # prints one JSON line
 """
 
 from __future__ import annotations
@@ -38,43 +38,51 @@ def _trim():
         pass
 
 
-def probe(suite: str, provider: str, case_index: int, mode: str, device: str) -> dict:
+def probe(suite: str, provider: str, case_index: int, mode: str, device: str, quick: bool = False) -> dict:
     import torch
 
-    from bench.run import SUITES
+    from bench.common import Skip, mode_fn
+    from bench.run import SUITES, cases
 
     module = SUITES[suite]
-    case = module.CASES[case_index]
-    setup = module.setup(provider, case, mode, device)
-    if setup is None:
-        return {"skipped": True}
-    fn, ran, _ = setup
-    fn()  # warm-up: compile, allocator, first-touch of the inputs
+    case = cases(module, device, quick)[case_index]
+    try:
+        w = module.workload(provider, case, device)
+    except Skip as why:
+        return {"skipped": str(why)}
+    timed = mode_fn(w, mode)
+    timed.once()  # warm-up: compile, allocator, first-touch of the inputs
+    for t in timed.grad_to_none:
+        t.grad = None
+    if timed.setup is not None:
+        timed.setup()  # bwd: the forward graph exists before the measurement, as in the timing
     _trim()
     grad_bytes = module.grad_bytes(case, mode) if hasattr(module, "grad_bytes") else 0
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = fn()
+        out = timed.fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del out
-        return {"backend": ran, "peak_bytes": peak - base - grad_bytes}
+        return {"backend": w.backend, "peak_bytes": max(0, peak - base - grad_bytes)}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     base = _status_kb("VmRSS") * 1024
-    out = fn()
+    out = timed.fn()
     peak = _status_kb("VmHWM") * 1024
     del out
-    return {"backend": ran, "peak_bytes": max(0, peak - base - grad_bytes)}
+    return {"backend": w.backend, "peak_bytes": max(0, peak - base - grad_bytes)}
 
 
-def measure(suite: str, provider: str, case_index: int, mode: str, device: str, timeout: int = 900) -> dict:
+def measure(suite: str, provider: str, case_index: int, mode: str, device: str, quick: bool = False,
+            timeout: int = 900) -> dict:
     """Runs probe() in a fresh interpreter and returns its result."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench.memory", suite, provider, str(case_index), mode, device],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", suite, provider, str(case_index), mode, device,
+                           "quick" if quick else "full"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -83,5 +91,6 @@ def measure(suite: str, provider: str, case_index: int, mode: str, device: str, 
 if __name__ == "__main__":
     suite, provider, index, mode = sys.argv[1:5]
     device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    quick = len(sys.argv) > 6 and sys.argv[6] == "quick"
     sys.path.insert(0, str(ROOT))
-    print(json.dumps(probe(suite, provider, int(index), mode, device)))
+    print(json.dumps(probe(suite, provider, int(index), mode, device, quick)))

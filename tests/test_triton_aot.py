@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90a, without a GPU.
 
-Runs ``python -m rlhf_fast.kernels._aot --json`` in a subprocess with TRITON_INTERPRET removed (under
+Runs ``python -m rlhf_fast.kernels._aot --json --no-cuda`` (``rlhf-fast inspect`` for the Triton kernels) in a
+subprocess with TRITON_INTERPRET removed (under
 the interpreter @triton.jit gives objects that cannot be compiled), then checks every configuration
 the launchers of every op use: it compiles for both archs, spills nothing, and its report is
 well-formed. Compiles are cached by triton (~/.triton/cache): ~35 s cold, ~15 s warm on 2 cores.
@@ -37,11 +38,13 @@ def _expected_labels() -> set[str]:
 
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._aot", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._aot", "--json", "--no-cuda"],
                           env=_env_without_interpreter(), capture_output=True, text=True, timeout=600)
     # exit status 1 means "some kernel spills": the reports still come out and the tests name it
     assert proc.returncode in (0, 1), f"AOT compile failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout)
+    report = json.loads(proc.stdout)
+    assert report["cuda"] == [] and report["cuda_note"], "--no-cuda compiled CUDA sources"
+    return report["triton"]
 
 
 def test_every_spec_compiles_for_every_arch(reports):

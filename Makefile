@@ -41,6 +41,7 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 	RLHF_FAST_SKIP_NATIVE=1 $(PY) -m pip install --no-build-isolation -e ".[bench]"
 	touch $@
 
+# every suite, every mode, with fresh-process peak memory; then the inspection and estimate tables
 bench: install $(VENV)/.bench-deps
 	$(PY) bench/run.py --update-readme --memory
 

@@ -239,7 +239,7 @@ class Timing:
 
 
 def _summary(times: list[float]) -> Timing:
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) >= 2 else [times[0]] * 3
     return Timing(statistics.median(times), q[0], q[2], min(times), len(times))
 
 

@@ -176,7 +176,7 @@ def occupancy(arch: str, registers: int, num_warps: int | None, shared_bytes: in
         return {"occupancy": 0.0, "warps_per_sm": 0, "ctas_per_sm": 0, "limiter": "shared (does not fit)"}
     limits = {"warps": lim.max_warps // num_warps, "ctas": lim.max_ctas,
               "registers": warps_by_regs // num_warps,
-              "shared": lim.shared // math.ceil(smem / 128) // 128 if smem else lim.max_ctas}
+              "shared": lim.shared // (math.ceil(smem / 128) * 128) if smem else lim.max_ctas}
     ctas = min(limits.values())
     binding = [k for k, v in limits.items() if v == ctas]
     limiter = "none" if "warps" in binding or "ctas" in binding else binding[0]
@@ -751,7 +751,7 @@ def kernel_estimates(names) -> list[dict]:
             continue
         for label, shape in GPU_SHAPES[op]:
             # a shape with an optional output (entropy, whitening) goes with the kernels that compute it
-            if any(bool(shape.get(f)) != (f in flags) for f in ("entropy", "whiten") if f in shape or f in flags):
+            if any(f in shape and bool(shape[f]) != (f in flags) for f in ("entropy", "whiten")):
                 continue
             rows.append({"kernel": name, "shape": label, **estimate(kernel_cost(name, **shape))})
     return rows
@@ -843,10 +843,11 @@ def summary_rows(reports: list[KernelReport]) -> list[dict]:
     return rows
 
 
-def inspect_all(archs=DEFAULT_ARCHS, cuda: bool | None = None, ops=None) -> dict:
+def inspect_all(archs=DEFAULT_ARCHS, cuda: bool | None = None, ops=None, kernels: str | None = None) -> dict:
     """The whole report: Triton kernels, CUDA kernels (cuda=None: when nvcc and the sources exist),
     per-kernel and per-op estimates, and the failures that make the exit status 1."""
-    specs = [s for s in all_specs() if not ops or KERNEL_OPS.get(kernel_base(s.name)[0]) in ops]
+    specs = [s for s in all_specs() if (not ops or KERNEL_OPS.get(kernel_base(s.name)[0]) in ops)
+             and (not kernels or re.search(kernels, s.label))]
     triton_reports = inspect_specs(specs, archs)
     cuda_reports, cuda_note = [], None
     nvcc, sources = find_nvcc(), cuda_sources()
@@ -895,6 +896,7 @@ def main(argv=None) -> int:
                         help="compute capability to compile for, repeatable (default: 80 and 90)")
     parser.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
     parser.add_argument("--ops", nargs="*", help="only the kernels of these ops (e.g. gather_logprobs attention)")
+    parser.add_argument("--kernels", help="only the Triton configurations whose label matches this regular expression")
     cuda = parser.add_mutually_exclusive_group()
     cuda.add_argument("--cuda", dest="cuda", action="store_true", default=None,
                       help="also compile csrc/cuda/*.cu with nvcc (default: when nvcc and the sources are found)")
@@ -916,7 +918,7 @@ def main(argv=None) -> int:
         print("error: run without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled ahead of time)",
               file=sys.stderr)
         return 2
-    report = inspect_all(tuple(opts.arch or DEFAULT_ARCHS), opts.cuda, opts.ops)
+    report = inspect_all(tuple(opts.arch or DEFAULT_ARCHS), opts.cuda, opts.ops, opts.kernels)
     reports = report.pop("_reports")
     if opts.json:
         print(json.dumps(report, indent=1))

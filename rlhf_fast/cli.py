@@ -36,18 +36,21 @@ def _source_root():
 
 
 def _bench(args) -> int:
+    """bench/run.py of the source checkout: suites, modes, providers, CSV/JSON rows, plots, README tables."""
     root = _source_root()
     if root is None:
         print("rlhf-fast bench runs the suites in bench/ of a source checkout (pip install -e .)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(root))
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     from bench import run
 
-    run.main(args.rest)
-    return 0
+    return run.main(args.rest)
 
 
 def _inspect(args) -> int:
+    """rlhf_fast.kernels._aot: AOT-compile every kernel for sm_80/sm_90a and report (exit 1 on spills or
+    missing tensor cores)."""
     import os
     import subprocess
 

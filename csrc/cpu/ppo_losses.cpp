@@ -76,14 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
     double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, int64_t aggregation,
     const std::optional<at::Tensor>& num_items, int64_t num_items_int, int64_t norm_length, bool need_grad) {
-  check_token_rows(logprobs, "logprobs", logprobs);
-  check_token_rows(old_logprobs, "old_logprobs", logprobs);
-  check_token_rows(advantages, "advantages", logprobs);
-  check_token_rows(mask, "mask", logprobs, /*allow_bool=*/true);
-  RLHF_FAST_CHECK(clip_eps_low > 0 && clip_eps_high > 0, "clip_eps: expected > 0, got ", clip_eps_low, " and ",
-                  clip_eps_high);
-  RLHF_FAST_CHECK(!dual_clip.has_value() || *dual_clip > 1, "dual_clip: expected > 1, got ", dual_clip.value_or(0));
-  check_aggregation_args(aggregation, num_items, norm_length, logprobs);
+  check_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
+                    num_items, norm_length);
 
   const int64_t rows = logprobs.size(0), cols = logprobs.size(1);
   LossOutputs out = allocate(logprobs, ppo::kPolicyStats, need_grad);
@@ -123,12 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns, const at::Tensor& mask,
     double clip_eps, int64_t aggregation, const std::optional<at::Tensor>& num_items, int64_t num_items_int,
     int64_t norm_length, bool need_grad) {
-  check_token_rows(values, "values", values);
-  check_token_rows(old_values, "old_values", values);
-  check_token_rows(returns, "returns", values);
-  check_token_rows(mask, "mask", values, /*allow_bool=*/true);
-  RLHF_FAST_CHECK(clip_eps > 0, "clip_eps: expected > 0, got ", clip_eps);
-  check_aggregation_args(aggregation, num_items, norm_length, values);
+  check_value_loss(values, old_values, returns, mask, clip_eps, aggregation, num_items, norm_length);
 
   const int64_t rows = values.size(0), cols = values.size(1);
   LossOutputs out = allocate(values, ppo::kValueStats, need_grad);

@@ -53,6 +53,7 @@
 #include <torch/library.h>
 
 #include <rlhf_fast/checks.h>
+#include <rlhf_fast/cuda_row_stats.cuh>
 #include <rlhf_fast/gather_logprobs_math.h>
 
 #include <algorithm>
@@ -64,8 +65,6 @@ namespace {
 
 using logprobs::RowStats;
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 // Forward launch shapes: one block of kBigThreads threads per row, or one warp per row with
 // kSmallRows rows per block when V <= kSmallVocab (a block per row would leave most threads idle).
 constexpr int kBigThreads = 512;
@@ -126,18 +125,6 @@ __device__ __forceinline__ void store_slot(T* __restrict__ row, int64_t p0, int6
     const int64_t p = p0 + e;
     if (p >= 0 && p < vocab) row[p] = pk.v[e];
   }
-}
-
-__device__ __forceinline__ RowStats shfl_xor(const RowStats& st, int mask) {
-  return RowStats{__shfl_xor_sync(kFullMask, st.m, mask), __shfl_xor_sync(kFullMask, st.s, mask),
-                  __shfl_xor_sync(kFullMask, st.t, mask)};
-}
-
-// Butterfly merge across a whole warp: every lane ends with the statistics of all 32.
-__device__ __forceinline__ RowStats warp_merge(RowStats st) {
-#pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) st = logprobs::merge(st, shfl_xor(st, mask));
-  return st;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <rlhf_fast/checks.h>
+#include <rlhf_fast/cuda_row_stats.cuh>
 #include <rlhf_fast/gather_logprobs_math.h>
 #include <rlhf_fast/linear_logprobs_tiled.h>
 
@@ -52,8 +53,6 @@ namespace {
 
 using logprobs::RowStats;
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 // Fold: 256-thread blocks; one warp per row (8 rows per block) for rows of at most kWarpRowCols
 // columns -- the default tiles of N >= 4096 rows have 1024 -- and the whole block per row above.
 constexpr int kFoldThreads = 256;
@@ -86,17 +85,6 @@ __device__ __forceinline__ float accurate_tanh(float x) {
     r = __fdividef(1.f - e, 1.f + e);
   }
   return copysignf(r, x);
-}
-
-__device__ __forceinline__ RowStats shfl_xor(const RowStats& st, int mask) {
-  return RowStats{__shfl_xor_sync(kFullMask, st.m, mask), __shfl_xor_sync(kFullMask, st.s, mask),
-                  __shfl_xor_sync(kFullMask, st.t, mask)};
-}
-
-__device__ __forceinline__ RowStats warp_merge(RowStats st) {
-#pragma unroll
-  for (int mask = kWarp / 2; mask > 0; mask >>= 1) st = logprobs::merge(st, shfl_xor(st, mask));
-  return st;
 }
 
 // ---------------------------------------------------------------------------------------------

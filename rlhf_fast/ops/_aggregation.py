@@ -162,3 +162,21 @@ def scale_token_grad(grad_loss: Tensor, token_grad: Tensor, row_scale: Tensor, d
         raise RuntimeError("token_grad: no (B, T) per-token gradient was saved (the forward ran with "
                            f"need_grad=False), got shape {tuple(token_grad.shape)}")
     return (token_grad * (grad_loss.float() * row_scale).unsqueeze(-1)).to(dtype)
+
+
+def register_loss_autograd(op) -> None:
+    """Autograd of a loss op with the (loss, stats, token_grad, row_scale) outputs above and
+    (x, <6 non-differentiable inputs>) arguments: grad_x = scale_token_grad(...), nothing else."""
+
+    def setup_context(ctx, inputs, output):
+        _, stats, token_grad, row_scale = output
+        ctx.mark_non_differentiable(stats, token_grad, row_scale)
+        ctx.save_for_backward(token_grad, row_scale)
+        ctx.dtype = inputs[0].dtype
+
+    def backward(ctx, grad_loss, _grad_stats, _grad_token_grad, _grad_row_scale):
+        token_grad, row_scale = ctx.saved_tensors
+        grad_x = None if grad_loss is None else scale_token_grad(grad_loss, token_grad, row_scale, ctx.dtype)
+        return grad_x, None, None, None, None, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -113,21 +113,7 @@ def _(logprobs, old_logprobs, advantages, mask, num_items, params, backend):
     return A.fake_outputs(logprobs, len(PPO_POLICY_STATS), params[-1] != 0)
 
 
-def _setup_context(ctx, inputs, output):
-    _, stats, token_grad, row_scale = output
-    ctx.mark_non_differentiable(stats, token_grad, row_scale)
-    ctx.save_for_backward(token_grad, row_scale)
-    ctx.dtype = inputs[0].dtype
-
-
-def _backward(ctx, grad_loss, _grad_stats, _grad_token_grad, _grad_row_scale):
-    token_grad, row_scale = ctx.saved_tensors
-    if grad_loss is None:
-        return None, None, None, None, None, None, None
-    return A.scale_token_grad(grad_loss, token_grad, row_scale, ctx.dtype), None, None, None, None, None, None
-
-
-_ppo_policy_loss_op.register_autograd(_backward, setup_context=_setup_context)
+A.register_loss_autograd(_ppo_policy_loss_op)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define RLHF_FAST_HD __host__ __device__ __forceinline__
-#else
-#define RLHF_FAST_HD inline
-#endif
+#include <rlhf_fast/host_device.h>
 
 namespace rlhf_fast {
 namespace gae {

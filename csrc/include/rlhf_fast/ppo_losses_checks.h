@@ -47,4 +47,31 @@ inline void check_aggregation_args(int64_t aggregation, const std::optional<at::
   RLHF_FAST_CHECK(norm_length == -1 || norm_length > 0, "norm_length: expected > 0 (or -1 for T), got ", norm_length);
 }
 
+// All arguments of ppo_policy_loss_fwd.
+inline void check_policy_loss(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+                              const at::Tensor& mask, double clip_eps_low, double clip_eps_high,
+                              const std::optional<double>& dual_clip, int64_t aggregation,
+                              const std::optional<at::Tensor>& num_items, int64_t norm_length) {
+  check_token_rows(logprobs, "logprobs", logprobs);
+  check_token_rows(old_logprobs, "old_logprobs", logprobs);
+  check_token_rows(advantages, "advantages", logprobs);
+  check_token_rows(mask, "mask", logprobs, /*allow_bool=*/true);
+  RLHF_FAST_CHECK(clip_eps_low > 0 && clip_eps_high > 0, "clip_eps: expected > 0, got ", clip_eps_low, " and ",
+                  clip_eps_high);
+  RLHF_FAST_CHECK(!dual_clip.has_value() || *dual_clip > 1, "dual_clip: expected > 1, got ", dual_clip.value_or(0));
+  check_aggregation_args(aggregation, num_items, norm_length, logprobs);
+}
+
+// All arguments of value_loss_fwd.
+inline void check_value_loss(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                             const at::Tensor& mask, double clip_eps, int64_t aggregation,
+                             const std::optional<at::Tensor>& num_items, int64_t norm_length) {
+  check_token_rows(values, "values", values);
+  check_token_rows(old_values, "old_values", values);
+  check_token_rows(returns, "returns", values);
+  check_token_rows(mask, "mask", values, /*allow_bool=*/true);
+  RLHF_FAST_CHECK(clip_eps > 0, "clip_eps: expected > 0, got ", clip_eps);
+  check_aggregation_args(aggregation, num_items, norm_length, values);
+}
+
 }  // namespace rlhf_fast

@@ -37,13 +37,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef RLHF_FAST_HD
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define RLHF_FAST_HD __host__ __device__ __forceinline__
-#else
-#define RLHF_FAST_HD inline
-#endif
-#endif
+#include <rlhf_fast/host_device.h>
 
 namespace rlhf_fast {
 namespace ppo {

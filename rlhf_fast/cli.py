@@ -74,6 +74,9 @@ def main(argv=None) -> int:
                        help="compile the Triton kernels for sm_80/sm_90a without a GPU and report registers, spills, "
                             "shared memory, load widths, tensor-core use (rlhf-fast inspect --help)")
     p.set_defaults(fn=_inspect)
+    from rlhf_fast.pipeline.cli import add_subcommands  # pipeline, sft, rm, ppo
+
+    add_subcommands(sub)
     args, extra = ap.parse_known_args(argv)
     if extra and args.command not in ("bench", "inspect", "demo"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -132,7 +132,6 @@ class PPOConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     clip_eps: float = _f(0.2, "policy ratio clip")
     value_clip_eps: float = _f(0.2, "value clip around the rollout's values")
-    vf_coef: float = _f(0.5, "weight of the value loss (the critic has its own optimizer; kept for logging)")
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
     kl_coef: float = _f(0.05, "initial beta of the per-token KL penalty in the reward")

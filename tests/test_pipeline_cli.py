@@ -98,7 +98,8 @@ def test_cli_sft_rm_ppo_round_trip(tmp_path, capsys):
                      "--device", "cpu", "--quiet"]) == 0
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
     assert rm.config.num_labels == 1
-    assert cli_main(["ppo", "--policy", str(tmp_path / "sft" / "model"), "--reward_model", str(tmp_path / "rm" / "model"),
+    assert cli_main(["ppo", "--policy", str(tmp_path / "sft" / "model"),
+                     "--reward_model", str(tmp_path / "rm" / "model"),
                      "--prompts", str(prompts), "--ptx_data", str(sft), "--output_dir", str(tmp_path / "ppo"),
                      "--iterations", "1", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
                      "--max_new_tokens", "4", "--rule_rewards", f"{rules}:ends", "--device", "cpu", "--quiet"]) == 0
@@ -119,3 +120,16 @@ def test_cli_help_lists_pipeline_options(capsys):
         cli_main(["pipeline", "--help"])
     out = capsys.readouterr().out
     assert "--sft.lr" in out and "--ppo.kl_bound" in out and "--model" in out and "--resume" in out
+
+
+def test_rule_rewards_load_from_module_or_file(tmp_path):
+    from rlhf_fast.pipeline.ppo import load_rule
+
+    assert load_rule("operator:add")("a ", "b") == "a b"
+    f = tmp_path / "r.py"
+    f.write_text("def n_words(prompt, response):\n    return float(len(response.split()))\n")
+    assert load_rule(f"{f}:n_words")("p", "a b c") == 3.0
+    with pytest.raises(ValueError, match="rule_rewards: expected 'module:function'"):
+        load_rule("nocolon")
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        load_rule("os.path:missing")

@@ -282,7 +282,8 @@ def save_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, m in models.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        weights = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+        save_file(weights, str(tmp / f"{name}.safetensors"))
     meta = {"state": state, "optimizers": {}, "schedulers": {}}
     for name, opt in optimizers.items():
         tensors, om = _optimizer_tensors(opt)

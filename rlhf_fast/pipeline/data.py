@@ -46,7 +46,8 @@ def read_jsonl(path: str | Path, required: dict[str, type]) -> list[dict]:
                 if name not in obj:
                     raise DataError(f"{p}:{lineno}: field {name!r} is missing")
                 if not isinstance(obj[name], tp):
-                    raise DataError(f"{p}:{lineno}: field {name!r} must be {tp.__name__}, got {type(obj[name]).__name__}")
+                    raise DataError(f"{p}:{lineno}: field {name!r} must be {tp.__name__}, "
+                                    f"got {type(obj[name]).__name__}")
             obj["_where"] = f"{p}:{lineno}"
             rows.append(obj)
     if not rows:

@@ -17,7 +17,8 @@ class Samples:
 
     input_ids       (B, P + N) prompt then answer tokens (pad after the answer's eos)
     attention_mask  (B, P + N) 1 on prompt and answer tokens (the eos included)
-    response_mask   (B, P + N - 1) bool, True where position t predicts an answer token (labels[:, t] = input_ids[:, t+1])
+    response_mask   (B, P + N - 1) bool, True where position t predicts an answer token
+                    (labels[:, t] = input_ids[:, t+1])
     labels          (B, P + N - 1) next tokens on the answer, -100 elsewhere
     last_index      (B,) index of each answer's last token in input_ids
     prompt_index    (B,) which prompt each row answers

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +42,6 @@ def load_rule(spec: str) -> Callable[[str, str], float]:
         raise ValueError(f"rule_rewards: expected 'module:function' or 'file.py:function', got {spec!r}")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
-        import importlib.util
-
         path = Path(mod_name)
         if not path.is_file():
             raise ValueError(f"rule_rewards: no such file {mod_name!r} (in {spec!r})")

@@ -74,17 +74,6 @@ def sweep(case: Case) -> list[tuple[str, str, int]]:
              case.prompts)]
 
 
-def cost(case: Case) -> list[tuple[str, dict]]:
-    """The attention calls of the shared-prefix model (every layer), for the cost model."""
-    from rlhf_fast.kernels._aot import attention_shape
-
-    shape = attention_shape("shared_prefix", groups=case.prompts, prompt=case.prompt_len, k=case.k,
-                            answer=case.answer_len, heads=case.heads, kv_heads=case.kv_heads,
-                            head_dim=case.hidden // case.heads,
-                            dtype="bf16" if case.dtype == torch.bfloat16 else "fp32")
-    return [("attention", shape)] * case.layers
-
-
 def providers(device: str) -> list[str]:
     return ["separate_sdpa"]
 

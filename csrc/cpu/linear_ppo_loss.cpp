@@ -3,11 +3,14 @@
 // local, its gradient — in the forward, without materializing the logits.
 //
 // Rows are processed in blocks that span the whole vocabulary: a block's logits (rows x V fp32,
-// at most `tile_rows` rows) are computed by one GEMM, folded (online logsumexp, entropy, label
-// logit), and — the block's log-probs being final — turned into dL/dlogits in place and
-// contracted into grad_hidden and grad_weight by two more GEMMs. 3 GEMMs per row instead of the 4
-// of linear_logprobs' forward + backward (which must recompute the logits because its upstream
-// gradient is unknown in the forward), with the same bounded memory.
+// at most `tile_rows` rows) are computed and folded (online logsumexp, entropy, label logit) one
+// vocabulary chunk of kChunk rows of the weight at a time, and — the block's log-probs being final
+// — turned into dL/dlogits in place and contracted into grad_hidden and grad_weight by two more
+// GEMMs per chunk. 3 GEMMs per row instead of the 4 of linear_logprobs' forward + backward (which
+// must recompute the logits because its upstream gradient is unknown in the forward), with the same
+// bounded memory. Each chunk of the block's logits is its own contiguous (rows, kChunk) matrix, so
+// every GEMM has operands of a few MB (a whole-vocabulary GEMM would have oneDNN pack the entire
+// weight per call); 16-bit weights are widened to fp32 one chunk at a time.
 //
 // Per token (rlhf_fast/ppo_losses_math.h), valid policy rows with weight w (the aggregation):
 //   loss += w * (l_pol + kl_coef * kl - entropy_coef * H),  dL/dlogprob = w * (dl_pol + kl_coef * dkl),
@@ -28,6 +31,9 @@
 
 namespace rlhf_fast::cpu {
 namespace {
+
+// Vocabulary rows per GEMM.
+constexpr int64_t kChunk = 2048;
 
 // Sums returned to Python (float64), in this order.
 enum Sum : int {
@@ -71,7 +77,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
   const int64_t na = idx.size(0);
   if (na > 0) {
     const at::Tensor h32 = hidden.index_select(0, idx).to(at::kFloat).contiguous();
-    const at::Tensor w32 = weight.to(at::kFloat).contiguous();
+    const bool widen = weight.scalar_type() != at::kFloat;
+    const int64_t chunk = std::min(kChunk, vocab);
+    at::Tensor wbuf = widen ? at::empty({chunk, weight.size(1)}, f32) : at::Tensor();
+    // fp32 rows [c0, c0 + vc) of the weight
+    auto weight_chunk = [&](int64_t c0, int64_t vc) {
+      const at::Tensor w_c = weight.narrow(0, c0, vc);
+      return widen ? wbuf.narrow(0, 0, vc).copy_(w_c) : w_c;
+    };
     const at::Tensor y = labels.index_select(0, idx).contiguous();
     const at::Tensor idx_c = idx.contiguous();
     const at::Tensor wt = row_weight.index_select(0, idx).contiguous();
@@ -92,13 +105,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
     for (int64_t r0 = 0; r0 < na; r0 += block) {
       const int64_t nr = std::min(block, na - r0);
       const at::Tensor hr = h32.narrow(0, r0, nr);
-      at::Tensor tile = buffer.narrow(0, 0, nr * vocab).view({nr, vocab});
-      matmul_into(tile, hr, w32.t(), 0.0f);
+      // chunk c0 of the block's logits: a contiguous (nr, vc) matrix at buffer offset nr * c0
+      auto tile_of = [&](int64_t c0, int64_t vc) { return buffer.narrow(0, nr * c0, nr * vc).view({nr, vc}); };
       m.fill_(-std::numeric_limits<float>::infinity());
       s.zero_();
       t.zero_();
-      linear_fold_tile_stub()()(tile, y.const_data_ptr<int64_t>() + r0, 0, 0.f, inv_temp, m.data_ptr<float>(),
-                                s.data_ptr<float>(), t.data_ptr<float>(), zl.data_ptr<float>(), true);
+      for (int64_t c0 = 0; c0 < vocab; c0 += chunk) {
+        const int64_t vc = std::min(chunk, vocab - c0);
+        at::Tensor tile = tile_of(c0, vc);
+        matmul_into(tile, hr, weight_chunk(c0, vc).t(), 0.0f);
+        linear_fold_tile_stub()()(tile, y.const_data_ptr<int64_t>() + r0, c0, 0.f, inv_temp, m.data_ptr<float>(),
+                                  s.data_ptr<float>(), t.data_ptr<float>(), zl.data_ptr<float>(), true);
+      }
       const int64_t* rows_idx = idx_c.const_data_ptr<int64_t>() + r0;
       for (int64_t i = 0; i < nr; ++i) {
         const logprobs::RowStats st{m.data_ptr<float>()[i], s.data_ptr<float>()[i], t.data_ptr<float>()[i]};
@@ -134,10 +152,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
         }
       }
       if (!compute_grad) continue;
-      linear_grad_tile_stub()()(tile, y.const_data_ptr<int64_t>() + r0, 0, 0.f, inv_temp, lse.data_ptr<float>(),
-                                g_lp.data_ptr<float>(), g_h.data_ptr<float>(), ent.data_ptr<float>());
-      matmul_into(gh32.narrow(0, r0, nr), tile, w32, 1.0f);  // (nr, V) @ (V, H)
-      matmul_into(gw32, tile.t(), hr, 1.0f);                 // (V, nr) @ (nr, H)
+      for (int64_t c0 = 0; c0 < vocab; c0 += chunk) {
+        const int64_t vc = std::min(chunk, vocab - c0);
+        at::Tensor tile = tile_of(c0, vc);
+        linear_grad_tile_stub()()(tile, y.const_data_ptr<int64_t>() + r0, c0, 0.f, inv_temp, lse.data_ptr<float>(),
+                                  g_lp.data_ptr<float>(), g_h.data_ptr<float>(), ent.data_ptr<float>());
+        matmul_into(gh32.narrow(0, r0, nr), tile, weight_chunk(c0, vc), 1.0f);  // (nr, vc) @ (vc, H)
+        matmul_into(gw32.narrow(0, c0, vc), tile.t(), hr, 1.0f);                // (vc, nr) @ (nr, H)
+      }
     }
     if (compute_grad) grad_hidden.index_copy_(0, idx, gh32.to(hidden.scalar_type()));
   }

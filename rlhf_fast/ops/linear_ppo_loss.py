@@ -117,17 +117,28 @@ def _(rows, weight, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_est
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, grad_rows, grad_weight = output
+    _, sums, grad_rows, grad_weight = output
+    # Only the loss is differentiable; without this autograd would feed the backward zero-filled
+    # (R, H) and (V, H) gradients for the other outputs.
+    ctx.mark_non_differentiable(sums, grad_rows, grad_weight)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_rows, grad_weight)
 
 
 def _backward(ctx, grad_loss, _g_sums, _g_rows, _g_weight):
     grad_rows, grad_weight = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 19
     if grad_rows.numel() == 0 and grad_weight.numel() == 0:
         raise RuntimeError("linear_ppo_loss: the forward ran without gradients (no input required grad)")
+    nones = (None,) * 17
+    if grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0:
+        # loss.backward(): hand the forward's gradients over as they are. Without retain_graph the
+        # saved tensors are released before autograd accumulates, so the (V, H) weight gradient
+        # becomes weight.grad without a copy (a scaled copy would hold two of them at once).
+        return (grad_rows, grad_weight) + nones
     scale = grad_loss.float()
-    return ((grad_rows * scale).to(grad_rows.dtype), (grad_weight * scale).to(grad_weight.dtype),
-            None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
+    return ((grad_rows * scale).to(grad_rows.dtype), (grad_weight * scale).to(grad_weight.dtype)) + nones
 
 
 _linear_ppo_loss_op.register_autograd(_backward, setup_context=_setup_context)

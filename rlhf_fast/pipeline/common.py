@@ -333,3 +333,35 @@ def step_seed(seed: int, *parts: int) -> int:
     for p in parts:
         s = (s * 1_000_003 + int(p) + 0x9E3779B9) & 0x7FFFFFFFFFFF
     return s
+
+
+def run_steps(trainer, out: Path, log: MetricsLog, desc: str, postfix: tuple[str, ...]) -> float:
+    """The step loop shared by the SFT and reward trainers: resume from the checkpoint in `out` when
+    trainer.config.resume, then trainer.step(trainer.batch_at(i)) until trainer.total_steps, logging
+    every config.log_every steps and checkpointing every config.checkpoint_every. Returns the
+    seconds spent. The trainer provides config, step_count, total_steps, progress, step, batch_at and
+    _ckpt() -> (models, optimizers, schedulers)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    cfg = trainer.config
+    if cfg.resume:
+        st = load_checkpoint(out, *trainer._ckpt())
+        if st is not None:
+            trainer.step_count = st["step"]
+            log.truncate_after(trainer.step_count)
+    t0 = time.time()
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc=desc, disable=not trainer.progress,
+               dynamic_ncols=True)
+    while trainer.step_count < trainer.total_steps:
+        stats = trainer.step(trainer.batch_at(trainer.step_count))
+        bar.update(1)
+        if trainer.step_count % cfg.log_every == 0 or trainer.step_count == trainer.total_steps:
+            log.log(trainer.step_count, **stats)
+            bar.set_postfix({k: f"{stats[k]:.3f}" for k in postfix})
+        if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
+                and trainer.step_count < trainer.total_steps:
+            save_checkpoint(out, *trainer._ckpt(), {"step": trainer.step_count})
+    bar.close()
+    return time.time() - t0

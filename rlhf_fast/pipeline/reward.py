@@ -8,7 +8,6 @@ packed sequence ``[prompt, answer_1, ..., answer_K]`` (prompt computed once,
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -157,31 +156,12 @@ class RewardTrainer:
         return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
 
     def train(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg = self.config
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         log = C.MetricsLog(out, "rm")
-        if cfg.resume:
-            st = C.load_checkpoint(out, *self._ckpt())
-            if st is not None:
-                self.step_count = st["step"]
-                log.truncate_after(self.step_count)
-        t0 = time.time()
-        bar = tqdm(total=self.total_steps, initial=self.step_count, desc="reward model", disable=not self.progress,
-                   dynamic_ncols=True)
-        while self.step_count < self.total_steps:
-            stats = self.step(self.batch_at(self.step_count))
-            bar.update(1)
-            if self.step_count % cfg.log_every == 0 or self.step_count == self.total_steps:
-                log.log(self.step_count, **stats)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-            if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 \
-                    and self.step_count < self.total_steps:
-                C.save_checkpoint(out, *self._ckpt(), {"step": self.step_count})
-        bar.close()
-        result = {"steps": self.step_count, "train_time_s": time.time() - t0, "packing": self.packing}
+        train_time = C.run_steps(self, out, log, "reward model", ("loss", "accuracy"))
+        result = {"steps": self.step_count, "train_time_s": train_time, "packing": self.packing}
         ev = self.evaluate()
         if ev:
             result.update(ev)

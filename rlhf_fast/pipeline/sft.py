@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -116,31 +115,12 @@ class SFTTrainer:
         return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
 
     def train(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg = self.config
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         log = C.MetricsLog(out, "sft")
-        if cfg.resume:
-            st = C.load_checkpoint(out, *self._ckpt())
-            if st is not None:
-                self.step_count = st["step"]
-                log.truncate_after(self.step_count)
-        t0 = time.time()
-        bar = tqdm(total=self.total_steps, initial=self.step_count, desc="sft", disable=not self.progress,
-                   dynamic_ncols=True)
-        while self.step_count < self.total_steps:
-            stats = self.step(self.batch_at(self.step_count))
-            bar.update(1)
-            if self.step_count % cfg.log_every == 0 or self.step_count == self.total_steps:
-                log.log(self.step_count, **stats)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}")
-            if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 \
-                    and self.step_count < self.total_steps:
-                C.save_checkpoint(out, *self._ckpt(), {"step": self.step_count})
-        bar.close()
-        result = {"steps": self.step_count, "train_time_s": time.time() - t0}
+        train_time = C.run_steps(self, out, log, "sft", ("loss",))
+        result = {"steps": self.step_count, "train_time_s": train_time}
         if self.eval_data:
             result["eval_loss"] = eval_nll(self.model, self.encoder, self.eval_data, self.device)
             log.log(self.step_count, eval_loss=result["eval_loss"])

@@ -46,6 +46,21 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 AGG_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
 NUM_ITEMS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_loss_inputs(name: str, x: Tensor, others: dict[str, Tensor], mask: Tensor) -> None:
+    """The (B, T) inputs of ppo_policy_loss / value_loss: `x` (named `name`) a 2-D float tensor, each
+    of `others` float and shaped and placed like it, `mask` bool or float, likewise."""
+    from rlhf_fast import _validation as V
+
+    V.check_tensor(name, x, FLOAT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (B, T) tensor, got shape {tuple(x.shape)}")
+    for other, t in (*others.items(), ("mask", mask)):
+        V.check_tensor(other, t, MASK_DTYPES if other == "mask" else FLOAT_DTYPES)
+        V.check_same_device(other, t, name, x)
+        V.check_shape(other, t, x.shape, f"{name}.shape")
 
 
 def check_aggregation(aggregation) -> int:

@@ -32,7 +32,6 @@ from rlhf_fast.ops import _aggregation as A
 from rlhf_fast.reference import PPO_POLICY_STATS, ppo_policy_loss_terms_ref, ppo_policy_stats_ref
 
 OP = op_registry("ppo_policy_loss")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,16 +183,7 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         4 bytes per token, kept for the backward, which only scales it). Gradients are first order
         only: a double backward does not see second derivatives.
     """
-    V.check_tensor("logprobs", logprobs, _FLOAT_DTYPES)
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs: expected a 2-D (B, T) tensor, got shape {tuple(logprobs.shape)}")
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages)):
-        V.check_tensor(name, t, _FLOAT_DTYPES)
-        V.check_same_device(name, t, "logprobs", logprobs)
-        V.check_shape(name, t, logprobs.shape, "logprobs.shape")
-    V.check_tensor("mask", mask, A.MASK_DTYPES)
-    V.check_same_device("mask", mask, "logprobs", logprobs)
-    V.check_shape("mask", mask, logprobs.shape, "logprobs.shape")
+    A.check_loss_inputs("logprobs", logprobs, {"old_logprobs": old_logprobs, "advantages": advantages}, mask)
     eps_low = V.check_positive_float("clip_eps", clip_eps)
     eps_high = eps_low if clip_eps_high is None else V.check_positive_float("clip_eps_high", clip_eps_high)
     if dual_clip is not None:

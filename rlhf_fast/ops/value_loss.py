@@ -32,7 +32,6 @@ from rlhf_fast.ops import _aggregation as A
 from rlhf_fast.reference import VALUE_STATS, value_loss_terms_ref, value_stats_ref
 
 OP = op_registry("value_loss")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,16 +142,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         ppo_policy_loss, the forward writes the per-token gradient (fp32, kept for the backward) when
         ``values`` requires grad, and gradients are first order only.
     """
-    V.check_tensor("values", values, _FLOAT_DTYPES)
-    if values.dim() != 2:
-        raise ValueError(f"values: expected a 2-D (B, T) tensor, got shape {tuple(values.shape)}")
-    for name, t in (("old_values", old_values), ("returns", returns)):
-        V.check_tensor(name, t, _FLOAT_DTYPES)
-        V.check_same_device(name, t, "values", values)
-        V.check_shape(name, t, values.shape, "values.shape")
-    V.check_tensor("mask", mask, A.MASK_DTYPES)
-    V.check_same_device("mask", mask, "values", values)
-    V.check_shape("mask", mask, values.shape, "values.shape")
+    A.check_loss_inputs("values", values, {"old_values": old_values, "returns": returns}, mask)
     clip_eps = V.check_positive_float("clip_eps", clip_eps)
     agg = A.check_aggregation(aggregation)
     items, items_int = A.check_num_items(num_items, values)

@@ -365,3 +365,14 @@ def run_steps(trainer, out: Path, log: MetricsLog, desc: str, postfix: tuple[str
             save_checkpoint(out, *trainer._ckpt(), {"step": trainer.step_count})
     bar.close()
     return time.time() - t0
+
+
+def split_eval(train_data: list, eval_data: list | None, eval_fraction: float, what: str) -> tuple[list, list]:
+    """(train, eval): eval_data as given, or the first eval_fraction of train_data held out.
+    Raises when no training `what` remain."""
+    if eval_data is None:
+        n_eval = int(len(train_data) * eval_fraction)
+        eval_data, train_data = train_data[:n_eval], train_data[n_eval:]
+    if not train_data:
+        raise ValueError(f"train_data: no training {what}")
+    return train_data, eval_data

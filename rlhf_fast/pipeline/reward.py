@@ -97,11 +97,7 @@ class RewardTrainer:
             if not config.data:
                 raise ValueError("data: give RMConfig.data (a ranked JSONL file) or pass train_data=")
             train_data = load_ranked(config.data)
-        if eval_data is None:
-            n_eval = int(len(train_data) * config.eval_fraction)
-            eval_data, train_data = train_data[:n_eval], train_data[n_eval:]
-        if not train_data:
-            raise ValueError("train_data: no training prompts")
+        train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
         self.train_rows = encode_ranked(self.encoder, train_data)
         self.eval_rows = encode_ranked(self.encoder, eval_data) if eval_data else []

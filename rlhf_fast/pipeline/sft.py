@@ -72,11 +72,7 @@ class SFTTrainer:
             if not config.data:
                 raise ValueError("data: give SFTConfig.data (a JSONL file) or pass train_data=")
             train_data = load_sft(config.data)
-        if eval_data is None:
-            n_eval = int(len(train_data) * config.eval_fraction)
-            eval_data, train_data = train_data[:n_eval], train_data[n_eval:]
-        if not train_data:
-            raise ValueError("train_data: no training examples")
+        train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "examples")
         self.train_data, self.eval_data = train_data, eval_data
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
         self.progress = progress

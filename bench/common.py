@@ -263,6 +263,27 @@ def time_cpu(t: Timed, *, warmup: int = 2, reps: int = 11, min_seconds: float = 
     return _summary(times)
 
 
+def time_cpu_interleaved(timeds: dict, *, warmup: int = 2, reps: int = 11) -> dict:
+    """time_cpu for several providers of one case at once: after each one's warm-up, the timed runs go
+    round-robin (A B C, B C A, C A B, ...), so a slow spell of the machine (another process, a clock
+    change) lands on every provider alike instead of on whichever ran during it. -> {key: Timing}."""
+    for t in timeds.values():
+        for _ in range(warmup):
+            t.once()
+    keys = list(timeds)
+    times: dict = {k: [] for k in keys}
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t = timeds[k]
+            _clear(t.grad_to_none)
+            if t.setup is not None:
+                t.setup()
+            t0 = time.perf_counter()
+            t.fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: _summary(v) for k, v in times.items()}
+
+
 def time_cuda(t: Timed, *, warmup_ms: float = 25, rep_ms: float = 100, **_) -> Timing:
     """CUDA-synchronised timing: triton.testing.do_bench, which brackets every call with CUDA events and
     zeroes a 256 MB buffer before it (an L2 flush, so no call reads its inputs from a warm L2), and clears

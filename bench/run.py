@@ -7,7 +7,8 @@ is not installed or needs a GPU) is reported with the reason. rlhf_fast provider
 backend the registry actually selected: the automatic choice is `rlhf_fast[<what ran>]` (e.g.
 `rlhf_fast[torch]` when the native extension is missing), never the fused kernel it hoped for.
 
-Modes (bench/common.py): nograd, fwd, bwd, fwd+bwd. Timing: CPU wall time, warm-up then repeated runs,
+Modes (bench/common.py): nograd, fwd, bwd, fwd+bwd. Timing: CPU wall time, warm-up then repeated runs
+with the providers of a case interleaved round-robin (a slow spell of the machine hits all of them),
 median and quartiles; GPU: triton.testing.do_bench (CUDA events, L2 flushed before every run).
 Memory: GPU peak allocated (every row); CPU peak RSS of a fresh process above its inputs (--memory).
 Derived: GB/s and % of the memory floor, TFLOP/s, from the analytic cost model of
@@ -63,6 +64,7 @@ from bench.common import (  # noqa: E402
     memory_floor,
     mode_fn,
     results,
+    time_cpu_interleaved,
     time_fn,
 )
 
@@ -183,6 +185,7 @@ def run_suite(name: str, module, device: str, quick: bool = False, memory: bool 
         grad = ref.has_backward and any(m != "nograd" for m in modes)
         want = {"nograd": results(ref, False), "grad": results(ref, True) if grad else None}
         labels_done = set()
+        ready = []  # (provider, label, workload, status) of the providers that run on this case
         for provider in provs:
             row_base = dict(op=name, case=case.name)
             try:
@@ -211,15 +214,22 @@ def run_suite(name: str, module, device: str, quick: bool = False, memory: bool 
                 if problem:
                     status = ("wrong result: " if not problem.startswith("error") else "") + problem
                     progress.write(f"  {name} {case.name} {label}: {status} -- not timed")
-            for mode in modes:
+            ready.append((provider, label, w, status))
+        for mode in modes:
+            timeds = {label: mode_fn(w, mode) for _, label, w, status in ready
+                      if status == "ok" and (mode == "nograd" or w.has_backward)}
+            # CPU: the providers' timed runs interleaved (one slow spell hits all of them); GPU: one at a time
+            timings = time_cpu_interleaved(timeds, reps=reps) if device == "cpu" else {}
+            for provider, label, w, status in ready:
+                row_base = dict(op=name, case=case.name)
                 progress.step(f"{case.name} {mode} {label}")
-                if status != "ok" or (mode != "nograd" and not w.has_backward):
+                if label not in timeds:
                     if status != "ok":
                         rows.append(Row(**row_base, mode=mode, provider=label, backend=w.backend, median_ms=math.nan,
                                         q1_ms=math.nan, q3_ms=math.nan, status=status))
                     continue
-                timed = mode_fn(w, mode)
-                t = time_fn(timed, device, reps=reps)
+                timed = timeds[label]
+                t = timings[label] if label in timings else time_fn(timed, device, reps=reps)
                 row = Row(**row_base, mode=mode, provider=label, backend=w.backend, median_ms=t.median_ms,
                           q1_ms=t.q1_ms, q3_ms=t.q3_ms, min_ms=t.min_ms, reps=t.reps,
                           extra=derived(module, case, mode, t.median_ms, floor_bw))

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 from rlhf_fast.kernels import _aot  # noqa: E402
 
 from bench import run  # noqa: E402
-from bench.common import MODES, Skip, Workload, compare, mode_fn, results  # noqa: E402
+from bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved  # noqa: E402
 
 ENV_FIELDS = ("device", "device_type", "torch", "triton", "rlhf_fast", "cpu_capability", "commit", "timestamp")
 ROW_FIELDS = ("op", "case", "mode", "provider", "backend", "median_ms", "q1_ms", "q3_ms", "status")
@@ -111,6 +111,15 @@ def test_bwd_mode_times_only_the_backward():
 # ---------------------------------------------------------------------------------------------
 # Fallback labelling
 # ---------------------------------------------------------------------------------------------
+
+def test_cpu_timing_interleaves_the_providers():
+    calls = []
+    timeds = {k: Timed(lambda k=k: calls.append(k)) for k in "abc"}
+    got = time_cpu_interleaved(timeds, warmup=1, reps=4)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-ups
+    assert calls[3:] == list("abc" "bca" "cab" "abc")  # round-robin, rotating who goes first
+    assert set(got) == set("abc") and all(t.reps == 4 and t.median_ms >= 0 for t in got.values())
+
 
 def test_fallback_is_reported_as_the_backend_that_ran(monkeypatch):
     from bench import bench_gather_logprobs as B

@@ -1,7 +1,7 @@
 """PPO step time of the pipeline with rlhf_fast's ops vs the same pipeline forced to the ``torch``
 reference backend (RLHF_FAST_BACKEND=torch), on a tiny Llama and the embedded task.
 
-    python bench/bench_pipeline.py [--steps 5] [--hidden 256] [--layers 4] [--batch 16] [--samples 4]
+    python bench/bench_pipeline.py [--steps 5] [--hidden 256] [--layers 4] [--vocab 32000] [--batch 16] [--samples 4]
 
 Each backend runs in a fresh process (the environment variable is read at dispatch) with the same seed;
 one warm-up step, then the median of --steps PPO iterations (rollout + update). Not run in CI.
@@ -27,6 +27,8 @@ def worker(args) -> None:
     from rlhf_fast.pipeline.task import TopicTask, build_tokenizer, sft_examples
 
     tok = build_tokenizer()
+    if args.vocab > len(tok):  # a real LM's vocabulary size: the lm_head's share of the step grows with it
+        tok.add_tokens([f"<extra_{i}>" for i in range(args.vocab - len(tok))])
     policy = C.build_tiny_llama(tok, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                                 num_layers=args.layers, num_heads=4, num_kv_heads=2, seed=0)
     with tempfile.TemporaryDirectory() as d:
@@ -53,6 +55,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=0,
+                    help="grow the task's word-level vocabulary to this size with extra tokens (0: as built)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per iteration")
     ap.add_argument("--samples", type=int, default=4, help="answers per prompt")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

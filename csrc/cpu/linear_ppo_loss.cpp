@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "hugepage_alloc.h"
 #include "kernels/linear_logprobs.h"
 
 namespace rlhf_fast::cpu {
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
   sums[kRatioMin] = std::numeric_limits<double>::infinity();
   sums[kRatioMax] = -std::numeric_limits<double>::infinity();
   at::Tensor grad_hidden = compute_grad ? at::zeros_like(hidden) : at::empty({0}, hidden.options());
-  at::Tensor gw32 = compute_grad ? at::zeros({vocab, weight.size(1)}, f32) : at::Tensor();
+  at::Tensor gw32 = compute_grad ? empty_hugepage({vocab, weight.size(1)}, at::kFloat).zero_() : at::Tensor();
 
   const at::Tensor keep = (labels != ignore_index).logical_and_(row_weight != 0);
   const at::Tensor idx = keep.nonzero().squeeze(1);
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
     const at::Tensor adv = advantages.index_select(0, idx).contiguous();
     const at::Tensor ref = has_ref ? ref_logprobs->index_select(0, idx).contiguous() : at::Tensor();
     const int64_t block = std::min(tile_rows, na);
-    at::Tensor buffer = at::empty({block * vocab}, f32);
+    at::Tensor buffer = empty_hugepage({block * vocab}, at::kFloat);
     at::Tensor m = at::empty({block}, f32), s = at::empty({block}, f32), t = at::empty({block}, f32);
     at::Tensor zl = at::empty({block}, f32), lse = at::empty({block}, f32), ent = at::empty({block}, f32);
     at::Tensor g_lp = at::empty({block}, f32), g_h = at::empty({block}, f32);

@@ -166,6 +166,17 @@ def test_float_mask_and_mixed_dtypes(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_mask_is_taken_as_its_weights(backend):
+    lp, old, adv, mask = make_inputs((4, 33), torch.float32)
+    want = rlhf_fast.ppo_policy_loss(lp, old, adv, mask, backend=backend, aggregation="seq-mean-token-mean")
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        got = rlhf_fast.ppo_policy_loss(lp, old, adv, mask.to(dtype), backend=backend,
+                                        aggregation="seq-mean-token-mean")
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1]["clip_frac"], want[1]["clip_frac"])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_long_rows_and_strided_inputs(backend):
     """Rows of several tiles on every backend (4096 columns on CPU, 2048 on GPU), inputs that are
     column slices of wider tensors, and an expanded (stride-0) mask."""
@@ -223,7 +234,7 @@ def _args(**over):
         (_args(mask=torch.ones(2, 4)), r"mask: expected shape \(2, 3\)"),
         (_args(logprobs=torch.zeros(2, 3, dtype=torch.long)), "logprobs: expected dtype"),
         (_args(advantages=torch.zeros(2, 3, dtype=torch.int32)), "advantages: expected dtype"),
-        (_args(mask=torch.ones(2, 3, dtype=torch.long)), "mask: expected dtype"),
+        (_args(mask=torch.ones(2, 3, dtype=torch.complex64)), "mask: expected dtype"),
         (_args(old_logprobs=torch.randn(2, 3, device="meta")), "old_logprobs: expected a tensor on cpu"),
         (_args(mask=torch.ones(2, 3, device="meta")), "mask: expected a tensor on cpu"),
         (_args(clip_eps=0.0), "clip_eps: expected a finite number > 0"),

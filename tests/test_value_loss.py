@@ -141,6 +141,16 @@ def test_float_mask_and_mixed_dtypes(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_mask_is_taken_as_its_weights(backend):
+    v, old, ret, mask = make_inputs((4, 33), torch.float32)
+    want = rlhf_fast.value_loss(v, old, ret, mask, backend=backend, aggregation="seq-mean-token-mean")
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        got = rlhf_fast.value_loss(v, old, ret, mask.to(dtype), backend=backend, aggregation="seq-mean-token-mean")
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1]["explained_variance"], want[1]["explained_variance"])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_long_rows_and_strided_inputs(backend):
     """Several tiles per row on every backend, a large offset in the returns (the moments are merged
     across tiles), a column slice and an expanded mask."""
@@ -191,7 +201,7 @@ def _args(**over):
         (_args(returns=torch.randn(1, 3)), r"returns: expected shape \(2, 3\)"),
         (_args(mask=torch.ones(3, 2)), r"mask: expected shape \(2, 3\)"),
         (_args(values=torch.zeros(2, 3, dtype=torch.int64)), "values: expected dtype"),
-        (_args(mask=torch.ones(2, 3, dtype=torch.uint8)), "mask: expected dtype"),
+        (_args(mask=torch.ones(2, 3, dtype=torch.complex64)), "mask: expected dtype"),
         (_args(returns=torch.randn(2, 3, device="meta")), "returns: expected a tensor on cpu"),
         (_args(clip_eps=0), "clip_eps: expected a finite number > 0"),
         (_args(clip_eps=float("nan")), "clip_eps: expected a finite number > 0"),

@@ -47,20 +47,25 @@ AGG_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
 NUM_ITEMS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# accepted as masks and taken as the float weights they stand for
+INT_MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def check_loss_inputs(name: str, x: Tensor, others: dict[str, Tensor], mask: Tensor) -> None:
+def check_loss_inputs(name: str, x: Tensor, others: dict[str, Tensor], mask: Tensor) -> Tensor:
     """The (B, T) inputs of ppo_policy_loss / value_loss: `x` (named `name`) a 2-D float tensor, each
-    of `others` float and shaped and placed like it, `mask` bool or float, likewise."""
+    of `others` float and shaped and placed like it, `mask` bool, float or integer, likewise.
+    Returns the mask the kernels take: an integer mask (e.g. an int64 attention mask) as the float32
+    weights it stands for, bool and float masks as they are."""
     from rlhf_fast import _validation as V
 
     V.check_tensor(name, x, FLOAT_DTYPES)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D (B, T) tensor, got shape {tuple(x.shape)}")
     for other, t in (*others.items(), ("mask", mask)):
-        V.check_tensor(other, t, MASK_DTYPES if other == "mask" else FLOAT_DTYPES)
+        V.check_tensor(other, t, MASK_DTYPES + INT_MASK_DTYPES if other == "mask" else FLOAT_DTYPES)
         V.check_same_device(other, t, name, x)
         V.check_shape(other, t, x.shape, f"{name}.shape")
+    return mask.float() if mask.dtype in INT_MASK_DTYPES else mask
 
 
 def check_aggregation(aggregation) -> int:

@@ -138,9 +138,9 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
             sampled tokens under the current policy. Differentiable.
         old_logprobs: ``(B, T)``, any of those dtypes: log-probs under the policy that sampled them. Data.
         advantages: ``(B, T)``, any of those dtypes. Data.
-        mask: ``(B, T)`` bool or float: 1 (True) for tokens of the loss, 0 for prompt and padding. Float
-            masks act as weights >= 0. Positions with ``mask == 0`` never affect anything, whatever
-            the other inputs hold there (padding, ``-inf``, NaN).
+        mask: ``(B, T)`` bool, float or integer: 1 (True) for tokens of the loss, 0 for prompt and
+            padding. Float and integer masks act as weights >= 0. Positions with ``mask == 0`` never
+            affect anything, whatever the other inputs hold there (padding, ``-inf``, NaN).
         clip_eps: ``eps_low`` > 0: the ratio is clipped below at ``1 - clip_eps``.
         clip_eps_high: ``eps_high`` > 0 for the upper bound ``1 + clip_eps_high`` (DAPO's clip-higher);
             default ``clip_eps``.
@@ -183,7 +183,7 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         4 bytes per token, kept for the backward, which only scales it). Gradients are first order
         only: a double backward does not see second derivatives.
     """
-    A.check_loss_inputs("logprobs", logprobs, {"old_logprobs": old_logprobs, "advantages": advantages}, mask)
+    mask = A.check_loss_inputs("logprobs", logprobs, {"old_logprobs": old_logprobs, "advantages": advantages}, mask)
     eps_low = V.check_positive_float("clip_eps", clip_eps)
     eps_high = eps_low if clip_eps_high is None else V.check_positive_float("clip_eps_high", clip_eps_high)
     if dual_clip is not None:

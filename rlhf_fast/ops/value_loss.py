@@ -124,8 +124,8 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
             predictions. Differentiable.
         old_values: ``(B, T)``, any of those dtypes: predictions at rollout time. Data.
         returns: ``(B, T)``, any of those dtypes: the targets (e.g. GAE advantages + old values). Data.
-        mask: ``(B, T)`` bool or float (weights >= 0); positions with ``mask == 0`` never affect
-            anything, whatever the other inputs hold there.
+        mask: ``(B, T)`` bool, float (weights >= 0) or integer (taken as float weights); positions
+            with ``mask == 0`` never affect anything, whatever the other inputs hold there.
         clip_eps: a finite number > 0, the clip range around ``old_values``.
         aggregation, num_items, norm_length, backend: as in :func:`rlhf_fast.ppo_policy_loss`
             (token-mean ``sum(l * m) / sum(m)``; seq-mean-token-mean; seq-mean-token-sum ``sum(l * m) / B``;
@@ -142,7 +142,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         ppo_policy_loss, the forward writes the per-token gradient (fp32, kept for the backward) when
         ``values`` requires grad, and gradients are first order only.
     """
-    A.check_loss_inputs("values", values, {"old_values": old_values, "returns": returns}, mask)
+    mask = A.check_loss_inputs("values", values, {"old_values": old_values, "returns": returns}, mask)
     clip_eps = V.check_positive_float("clip_eps", clip_eps)
     agg = A.check_aggregation(aggregation)
     items, items_int = A.check_num_items(num_items, values)

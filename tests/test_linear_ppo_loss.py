@@ -33,17 +33,18 @@ def make(b=3, t=9, hdim=16, vocab=500, dtype=torch.float32):
 
 
 def composed(hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels, *, kl_coef, kl_estimator,
-             entropy_coef, dual_clip, aggregation, ptx_coef, temperature):
+             entropy_coef, dual_clip, aggregation, ptx_coef, temperature, bias=None):
     lab = torch.where(mask != 0, labels, IGNORE)
-    lp, ent = rlhf_fast.linear_logprobs(hidden, weight, lab, temperature=temperature, return_entropy=True,
-                                        backend="torch")
+    lp, ent = rlhf_fast.linear_logprobs(hidden, weight, lab, bias=bias, temperature=temperature,
+                                        return_entropy=True, backend="torch")
     terms = ppo_policy_loss_terms_ref(lp, old, adv, mask, dual_clip=dual_clip)
     tok = terms["loss"] - entropy_coef * ent
     if kl_coef:
         tok = tok + kl_coef * kl_penalty_ref(lp, ref, estimator=kl_estimator)
     loss = aggregate(tok, mask, aggregation)
     if ptx_coef:
-        plp = rlhf_fast.linear_logprobs(ptx_hidden, weight, ptx_labels, temperature=temperature, backend="torch")
+        plp = rlhf_fast.linear_logprobs(ptx_hidden, weight, ptx_labels, bias=bias, temperature=temperature,
+                                        backend="torch")
         loss = loss + ptx_coef * (-plp.sum() / (ptx_labels != IGNORE).sum())
     return loss
 
@@ -60,23 +61,28 @@ CONFIGS = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["aggregation"])
-def test_equals_composition(backend, config):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_equals_composition(backend, config, with_bias):
     inputs = make()
+    bias0 = torch.randn(inputs[1].shape[0]) if with_bias else None
     results = []
     for which in ("fused", "composed"):
         hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels = inputs
         h, w, p = (x.clone().requires_grad_(True) for x in (hidden, weight, ptx_hidden))
+        bias = bias0.clone().requires_grad_(True) if with_bias else None
         if which == "fused":
             loss, stats = rlhf_fast.linear_ppo_loss(h, w, labels, old, adv, mask, ref_logprobs=ref, ptx_hidden=p,
-                                                    ptx_labels=ptx_labels, backend=backend, **config)
+                                                    ptx_labels=ptx_labels, bias=bias, backend=backend, **config)
             assert set(stats) == {"policy_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean",
                                   "ratio_min", "ratio_max", "kl", "entropy", "ptx_loss"}
             assert all(torch.isfinite(v) for v in stats.values())
         else:
-            loss = composed(h, w, labels, mask, old, adv, ref, p, ptx_labels, **config)
+            loss = composed(h, w, labels, mask, old, adv, ref, p, ptx_labels, bias=bias, **config)
         (loss * 1.7).backward()  # non-unit upstream gradient
-        results.append((loss.detach(), h.grad, w.grad, p.grad))
-    (lf, gh, gw, gp), (lc, gh_c, gw_c, gp_c) = results
+        results.append((loss.detach(), h.grad, w.grad, p.grad, bias.grad if with_bias else None))
+    (lf, gh, gw, gp, gb), (lc, gh_c, gw_c, gp_c, gb_c) = results
+    if with_bias:
+        assert_close(gb, gb_c, "grad_bias", **TOL)
     assert_close(lf, lc, "loss", **TOL)
     assert_close(gh, gh_c, "grad_hidden", **TOL)
     assert_close(gw, gw_c, "grad_weight", **TOL)
@@ -141,3 +147,49 @@ def test_torch_compile_fullgraph(backend):
     fn(*params[1]).backward()
     for a, b in zip(params[0], params[1], strict=True):
         assert_close(a.grad, b.grad, "grad", **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_equals_composition(backend, dtype):
+    """16-bit hidden / weight / bias: the op computes in fp32 from the 16-bit values, so it matches the
+    composition on the same (rounded) inputs; gradients come back in the inputs' dtype."""
+    hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels = make(dtype=dtype)
+    bias = torch.randn(weight.shape[0]).to(dtype)
+    config = CONFIGS[1]
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias, ptx_hidden)]
+    loss, _ = rlhf_fast.linear_ppo_loss(leaves[0], leaves[1], labels, old, adv, mask, ref_logprobs=ref,
+                                        ptx_hidden=leaves[3], ptx_labels=ptx_labels, bias=leaves[2],
+                                        backend=backend, **config)
+    loss.backward()
+    wide = [x.float().requires_grad_(True) for x in (hidden, weight, bias, ptx_hidden)]
+    want = composed(wide[0], wide[1], labels, mask, old, adv, ref, wide[3], ptx_labels, bias=wide[2], **config)
+    want.backward()
+    assert_close(loss.detach(), want.detach(), "loss", **TOL)
+    for name, got, ref_leaf in zip(("hidden", "weight", "bias", "ptx_hidden"), leaves, wide, strict=True):
+        assert got.grad.dtype == dtype, name
+        assert_close(got.grad.float(), ref_leaf.grad.to(dtype).float(), f"grad_{name}", atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_opcheck(backend, with_bias):
+    from rlhf_fast.ops.linear_ppo_loss import _linear_ppo_loss_op
+
+    hidden, weight, labels, mask, old, adv, ref, _, _ = make()
+    rows = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
+    n = rows.shape[0]
+    lab = torch.where(mask.reshape(-1) != 0, labels.reshape(-1), IGNORE)
+    bias = torch.randn(weight.shape[0]).requires_grad_(True) if with_bias else None
+    args = (rows, weight.clone().requires_grad_(True), bias, lab, mask.reshape(-1) / max(1.0, float(mask.sum())),
+            old.reshape(-1), adv.reshape(-1), ref.reshape(-1), n, 0.1, 3, 0.01, 0.2, 0.2, 3.0, 1.0, IGNORE, True,
+            8, backend)
+    torch.library.opcheck(_linear_ppo_loss_op, args)
+
+
+def test_bad_bias():
+    hidden, weight, labels, mask, old, adv, _, _, _ = make()
+    for bias, match in ((torch.zeros(7), r"bias: expected shape \(500,\)"),
+                        (torch.zeros(500, dtype=torch.float64), "bias: expected dtype")):
+        with pytest.raises(ValueError, match=match):
+            rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, mask, bias=bias)

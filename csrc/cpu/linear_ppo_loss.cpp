@@ -47,8 +47,8 @@ void kl_of(float x, float& kl, float& dkl) {
   ppo::kl_token<ppo::ScalarOps, kEstimator>(x, 0.f, kl, dkl);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& row_weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& row_weight,
     const at::Tensor& old_logprobs, const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logprobs,
     int64_t n_policy, double kl_coef, int64_t kl_estimator, double entropy_coef, double clip_low, double clip_high,
     double dual_clip, double temperature, int64_t ignore_index, bool compute_grad, int64_t tile_rows) {
@@ -56,6 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
   RLHF_FAST_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == hidden.size(1),
                   "weight: expected a contiguous (V, H) tensor with H = ", hidden.size(1), ", got ", weight.sizes());
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  RLHF_FAST_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == vocab && bias->device() == weight.device()),
+                  "bias: expected a (", vocab, ",) tensor on the weight's device");
   check_vector(labels, "labels", rows, at::kLong, hidden);
   for (const auto* t : {&row_weight, &old_logprobs, &advantages}) check_vector(*t, "per-token input", rows, at::kFloat, hidden);
   const bool has_ref = ref_logprobs.has_value() && ref_logprobs->defined();
@@ -72,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
   sums[kRatioMax] = -std::numeric_limits<double>::infinity();
   at::Tensor grad_hidden = compute_grad ? at::zeros_like(hidden) : at::empty({0}, hidden.options());
   at::Tensor gw32 = compute_grad ? empty_hugepage({vocab, weight.size(1)}, at::kFloat).zero_() : at::Tensor();
+  at::Tensor gb32 = compute_grad && has_bias ? at::zeros({vocab}, f32) : at::Tensor();
 
   const at::Tensor keep = (labels != ignore_index).logical_and_(row_weight != 0);
   const at::Tensor idx = keep.nonzero().squeeze(1);
@@ -86,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
       const at::Tensor w_c = weight.narrow(0, c0, vc);
       return widen ? wbuf.narrow(0, 0, vc).copy_(w_c) : w_c;
     };
+    const at::Tensor b32 = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const at::Tensor y = labels.index_select(0, idx).contiguous();
     const at::Tensor idx_c = idx.contiguous();
     const at::Tensor wt = row_weight.index_select(0, idx).contiguous();
@@ -114,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
       for (int64_t c0 = 0; c0 < vocab; c0 += chunk) {
         const int64_t vc = std::min(chunk, vocab - c0);
         at::Tensor tile = tile_of(c0, vc);
-        matmul_into(tile, hr, weight_chunk(c0, vc).t(), 0.0f);
+        if (has_bias) tile.copy_(b32.narrow(0, c0, vc).unsqueeze(0).expand_as(tile));
+        matmul_into(tile, hr, weight_chunk(c0, vc).t(), has_bias ? 1.0f : 0.0f);
         linear_fold_tile_stub()()(tile, y.const_data_ptr<int64_t>() + r0, c0, 0.f, inv_temp, m.data_ptr<float>(),
                                   s.data_ptr<float>(), t.data_ptr<float>(), zl.data_ptr<float>(), true);
       }
@@ -160,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
                                   g_lp.data_ptr<float>(), g_h.data_ptr<float>(), ent.data_ptr<float>());
         matmul_into(gh32.narrow(0, r0, nr), tile, weight_chunk(c0, vc), 1.0f);  // (nr, vc) @ (vc, H)
         matmul_into(gw32.narrow(0, c0, vc), tile.t(), hr, 1.0f);                // (vc, nr) @ (nr, H)
+        if (has_bias) gb32.narrow(0, c0, vc).add_(tile.sum(0));
       }
     }
     if (compute_grad) grad_hidden.index_copy_(0, idx, gh32.to(hidden.scalar_type()));
@@ -168,19 +175,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_c
   at::Tensor loss = at::scalar_tensor(sums[kLoss], f32);
   at::Tensor stats = at::tensor(sums, at::TensorOptions().dtype(at::kDouble));
   at::Tensor grad_weight = compute_grad ? gw32.to(weight.scalar_type()) : at::empty({0}, weight.options());
-  return {loss, stats, grad_hidden, grad_weight};
+  at::Tensor grad_bias = gb32.defined() ? gb32.to(bias->scalar_type()) : at::empty({0}, weight.options());
+  return {loss, stats, grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
-  // hidden (R, H): policy rows [0, n_policy) then ptx rows; per-row fp32 weight (aggregation), old
-  // log-probs, advantages, optional reference log-probs. -> (loss (), sums (13,) float64,
-  // grad_hidden (R, H) or (0,), grad_weight (V, H) or (0,)); see csrc/cpu/linear_ppo_loss.cpp.
-  m.def("linear_ppo_loss_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor row_weight, Tensor old_logprobs, "
+  // hidden (R, H): policy rows [0, n_policy) then ptx rows; optional lm_head bias (V,); per-row fp32
+  // weight (aggregation), old log-probs, advantages, optional reference log-probs. -> (loss (), sums
+  // (13,) float64, grad_hidden (R, H) or (0,), grad_weight (V, H) or (0,), grad_bias (V,) or (0,)).
+  m.def("linear_ppo_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor row_weight, Tensor old_logprobs, "
         "Tensor advantages, Tensor? ref_logprobs, int n_policy, float kl_coef, int kl_estimator, float entropy_coef, "
         "float clip_low, float clip_high, float dual_clip, float temperature, int ignore_index, bool compute_grad, "
-        "int tile_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int tile_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) { m.impl("linear_ppo_loss_fwd", &linear_ppo_loss_fwd_cpu); }

@@ -46,19 +46,21 @@ STATS = ("policy_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean"
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: forward(rows (R, H), weight (V, H), labels (R,), row_weight (R,), old (R,), adv (R,),
-# ref (R,) or None, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-# temperature, ignore_index, compute_grad, tile_rows) -> (loss (), sums (13,) f64, grad_rows, grad_weight)
+# Backends: forward(rows (R, H), weight (V, H), bias (V,) or None, labels (R,), row_weight (R,), old (R,),
+# adv (R,), ref (R,) or None, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
+# dual_clip, temperature, ignore_index, compute_grad, tile_rows)
+#   -> (loss (), sums (13,) f64, grad_rows, grad_weight, grad_bias) (gradients (0,) without compute_grad
+#      or, for grad_bias, without a bias)
 # ---------------------------------------------------------------------------------------------
 
-def _torch_forward(rows, weight, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator, entropy_coef,
+def _torch_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator, entropy_coef,
                    clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows):
     V.check_label_range(labels, weight.shape[0], ignore_index)
     valid = (labels != ignore_index) & (row_weight != 0)
     lab = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     with torch.no_grad():
-        lp, ent, lse = linear_logprobs_ref(rows, weight, lab, temperature=temperature, ignore_index=ignore_index,
-                                           return_entropy=True)
+        lp, ent, lse = linear_logprobs_ref(rows, weight, lab, bias=bias, temperature=temperature,
+                                           ignore_index=ignore_index, return_entropy=True)
     is_pol = torch.arange(rows.shape[0], device=rows.device) < n_policy
     pol, ptx = valid & is_pol, valid & ~is_pol
     terms = ppo_policy_loss_terms_ref(lp, old, adv, pol, clip_eps=clip_low, clip_eps_high=clip_high,
@@ -83,10 +85,10 @@ def _torch_forward(rows, weight, labels, row_weight, old, adv, ref, n_policy, kl
         f64(torch.where(ptx, -lp, zero)), f64(ptx.float())])
     loss = per_token.sum()
     if not compute_grad:
-        return loss, sums, rows.new_empty((0,)), weight.new_empty((0,))
-    gh, gw, _ = linear_logprobs_backward_ref(g_lp, g_h, rows, weight, None, lab, lse, ent, temperature=temperature,
-                                             ignore_index=ignore_index)
-    return loss, sums, gh, gw
+        return loss, sums, rows.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,))
+    gh, gw, gb = linear_logprobs_backward_ref(g_lp, g_h, rows, weight, bias, lab, lse, ent, temperature=temperature,
+                                              ignore_index=ignore_index)
+    return loss, sums, gh, gw, weight.new_empty((0,)) if gb is None else gb
 
 
 def _native_forward(*args):
@@ -102,47 +104,54 @@ OP.register("cpu", _native_forward)
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("rlhf_fast::linear_ppo_loss", mutates_args=())
-def _linear_ppo_loss_op(rows: Tensor, weight: Tensor, labels: Tensor, row_weight: Tensor, old: Tensor, adv: Tensor,
-                        ref: Tensor | None, n_policy: int, kl_coef: float, kl_estimator: int, entropy_coef: float,
-                        clip_low: float, clip_high: float, dual_clip: float, temperature: float, ignore_index: int,
-                        compute_grad: bool, tile_rows: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss, sums, gh, gw = OP.impl(backend).forward(rows, weight, labels, row_weight, old, adv, ref, n_policy, kl_coef,
-                                                  kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-                                                  temperature, ignore_index, compute_grad, tile_rows)
-    return loss.float(), sums.double(), gh, gw
+def _linear_ppo_loss_op(rows: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, row_weight: Tensor,
+                        old: Tensor, adv: Tensor, ref: Tensor | None, n_policy: int, kl_coef: float,
+                        kl_estimator: int, entropy_coef: float, clip_low: float, clip_high: float, dual_clip: float,
+                        temperature: float, ignore_index: int, compute_grad: bool, tile_rows: int, backend: str
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, sums, gh, gw, gb = OP.impl(backend).forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy,
+                                                      kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
+                                                      dual_clip, temperature, ignore_index, compute_grad, tile_rows)
+    return loss.float(), sums.double(), gh, gw, gb
 
 
 @_linear_ppo_loss_op.register_fake
-def _(rows, weight, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low,
+def _(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low,
       clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows, backend):
     gh = rows.new_empty(rows.shape) if compute_grad else rows.new_empty((0,))
     gw = weight.new_empty(weight.shape) if compute_grad else weight.new_empty((0,))
-    return rows.new_empty((), dtype=torch.float32), rows.new_empty((len(SUMS),), dtype=torch.float64), gh, gw
+    gb = bias.new_empty(bias.shape) if compute_grad and bias is not None else weight.new_empty((0,))
+    return rows.new_empty((), dtype=torch.float32), rows.new_empty((len(SUMS),), dtype=torch.float64), gh, gw, gb
 
 
 def _setup_context(ctx, inputs, output):
-    _, sums, grad_rows, grad_weight = output
+    _, sums, grad_rows, grad_weight, grad_bias = output
     # Only the loss is differentiable; without this autograd would feed the backward zero-filled
     # (R, H) and (V, H) gradients for the other outputs.
-    ctx.mark_non_differentiable(sums, grad_rows, grad_weight)
+    ctx.mark_non_differentiable(sums, grad_rows, grad_weight, grad_bias)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_rows, grad_weight)
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
 
 
-def _backward(ctx, grad_loss, _g_sums, _g_rows, _g_weight):
-    grad_rows, grad_weight = ctx.saved_tensors
+def _backward(ctx, grad_loss, _g_sums, _g_rows, _g_weight, _g_bias):
+    grads = ctx.saved_tensors  # rows, weight, bias
     if grad_loss is None:
-        return (None,) * 19
-    if grad_rows.numel() == 0 and grad_weight.numel() == 0:
+        return (None,) * 20
+    if grads[0].numel() == 0 and grads[1].numel() == 0:
         raise RuntimeError("linear_ppo_loss: the forward ran without gradients (no input required grad)")
+    if not ctx.has_bias:
+        grads = (grads[0], grads[1], None)
     nones = (None,) * 17
-    if grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_loss) == 1.0:
+    # (a plain CPU tensor: not while compile / AOT tracing, where the value is not known)
+    if (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+            and float(grad_loss) == 1.0):
         # loss.backward(): hand the forward's gradients over as they are. Without retain_graph the
         # saved tensors are released before autograd accumulates, so the (V, H) weight gradient
         # becomes weight.grad without a copy (a scaled copy would hold two of them at once).
-        return (grad_rows, grad_weight) + nones
+        return grads + nones
     scale = grad_loss.float()
-    return ((grad_rows * scale).to(grad_rows.dtype), (grad_weight * scale).to(grad_weight.dtype)) + nones
+    return tuple(None if g is None else (g * scale).to(g.dtype) for g in grads) + nones
 
 
 _linear_ppo_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -158,7 +167,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
                     clip_eps_high: float | None = None, dual_clip: float | None = None,
                     aggregation: str = "token-mean", num_items=None, norm_length: int | None = None,
                     ptx_hidden: Tensor | None = None, ptx_labels: Tensor | None = None, ptx_coef: float = 0.0,
-                    temperature: float = 1.0, ignore_index: int = -100, backend: str | None = None):
+                    temperature: float = 1.0, ignore_index: int = -100, bias: Tensor | None = None,
+                    backend: str | None = None):
     """The PPO-ptx loss of a batch straight from the lm_head, as one op.
 
     Args:
@@ -173,6 +183,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
         ptx_hidden, ptx_labels: ``(..., H)`` / ``(...)`` pretraining text for the PPO-ptx term
             ``ptx_coef * mean(-log p(ptx_labels))`` over tokens with ``ptx_labels != ignore_index``.
         temperature: divides the logits.
+        bias: optional ``(V,)`` lm_head bias (logits ``hidden @ weight.T + bias``), weight's dtype;
+            differentiable like weight.
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, ptx_hidden and weight)
@@ -188,6 +200,10 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
     V.check_tensor("weight", weight, (hidden.dtype,))
     if weight.dim() != 2 or weight.shape[1] != hdim:
         raise ValueError(f"weight: expected shape (V, {hdim}), got {tuple(weight.shape)}")
+    if bias is not None:
+        V.check_tensor("bias", bias, (weight.dtype,))
+        V.check_same_device("bias", bias, "weight", weight)
+        V.check_shape("bias", bias, (weight.shape[0],), "(weight.shape[0],)")
     for name, x in (("labels", labels), ("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         V.check_tensor(name, x)
         V.check_same_device(name, x, "hidden", hidden)
@@ -216,7 +232,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
     adv = advantages.float().reshape(-1)
     ref = None if ref_logprobs is None else ref_logprobs.float().reshape(-1)
     n_policy = rows.shape[0]
-    grads_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grads_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                                or (bias is not None and bias.requires_grad))
     if ptx_hidden is not None and ptx_coef != 0:
         if ptx_labels is None:
             raise ValueError("ptx_labels: required with ptx_hidden")
@@ -237,10 +254,11 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
     w = weight.contiguous()
     name = OP.select([rows, w], backend)
     tile_rows = max(1, min(TILE_ELEMS // w.shape[0], -(-rows.shape[0] // 4)))
-    loss, sums, _, _ = _linear_ppo_loss_op(rows, w, lab, row_weight.float().contiguous(), old.contiguous(),
-                                           adv.contiguous(), None if ref is None else ref.contiguous(), n_policy,
-                                           kl_coef, KL_ESTIMATORS.index(kl_estimator), entropy_coef, clip_low,
-                                           clip_high, dual, temperature, ignore_index, grads_wanted, tile_rows, name)
+    bias = None if bias is None else bias.contiguous()
+    loss, sums, *_ = _linear_ppo_loss_op(rows, w, bias, lab, row_weight.float().contiguous(), old.contiguous(),
+                                         adv.contiguous(), None if ref is None else ref.contiguous(), n_policy,
+                                         kl_coef, KL_ESTIMATORS.index(kl_estimator), entropy_coef, clip_low,
+                                         clip_high, dual, temperature, ignore_index, grads_wanted, tile_rows, name)
     s = dict(zip(SUMS, sums.float().unbind(), strict=True))
     count = s["count"].clamp_min(1)
     stats = {

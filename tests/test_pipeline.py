@@ -291,6 +291,21 @@ def test_pipeline_smoke(tmp_path):
     assert len((tmp_path / "rm" / "comparisons.jsonl").read_text().splitlines()) == 24
 
 
+def test_reward_model_head_init_depends_on_the_seed_only(tok, tmp_path):
+    """The scalar head a causal LM checkpoint lacks is drawn from `seed`, not from the global RNG state (which
+    differs between a fresh and a resumed run, or between the ranks of a torchrun)."""
+    path = tmp_path / "base"
+    C.save_model(tiny(tok), tok, path)
+    torch.manual_seed(1)
+    a = C.load_scalar_model(str(path), pad_token_id=tok.pad_token_id, seed=3)
+    torch.manual_seed(2)
+    torch.rand(5)
+    b = C.load_scalar_model(str(path), pad_token_id=tok.pad_token_id, seed=3)
+    c = C.load_scalar_model(str(path), pad_token_id=tok.pad_token_id, seed=4)
+    assert torch.equal(a.score.weight, b.score.weight)
+    assert not torch.equal(a.score.weight, c.score.weight)
+
+
 def test_encoder_truncates_long_prompts_with_warning(tok):
     enc = Encoder(tok, max_prompt_len=4, max_response_len=3)
     with pytest.warns(UserWarning, match="x.jsonl:3: prompt of 8 tokens truncated to the last 4"):

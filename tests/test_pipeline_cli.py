@@ -115,6 +115,25 @@ def test_cli_sft_rm_ppo_round_trip(tmp_path, capsys):
     assert "bad.jsonl:2: field 'response' is missing" in capsys.readouterr().err
 
 
+def test_scale_out_options_and_hyphenated_aliases():
+    import argparse
+
+    from rlhf_fast.pipeline.config import PipelineConfig
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap, PPOConfig)
+    cfg = from_args(PPOConfig, ap.parse_args(["--distributed", "fsdp", "--grad-accum", "4", "--gradient-checkpointing",
+                                              "true", "--lora-r", "8", "--lora_alpha", "32", "--lora-target-modules",
+                                              "q_proj", "v_proj"]))
+    assert (cfg.distributed, cfg.grad_accum, cfg.gradient_checkpointing, cfg.lora_r, cfg.lora_alpha) == \
+        ("fsdp", 4, True, 8, 32.0)
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and PPOConfig().lora_target_modules == []
+    ap = argparse.ArgumentParser()
+    add_arguments(ap, PipelineConfig)
+    cfg = from_args(PipelineConfig, ap.parse_args(["--distributed", "ddp", "--sft.grad-accum", "2"]))
+    assert cfg.distributed == "ddp" and cfg.sft.grad_accum == 2 and SFTConfig().distributed == "none"
+
+
 def test_cli_help_lists_pipeline_options(capsys):
     with pytest.raises(SystemExit):
         cli_main(["pipeline", "--help"])

@@ -1,14 +1,23 @@
 """``rlhf-fast pipeline|sft|rm|ppo``: the command line of the pipeline, generated from the config
 dataclasses (every field is an option; ``--config run.yaml`` sets fields first). Imports of torch and
-transformers happen only when a command runs."""
+transformers happen only when a command runs.
+
+Each command also runs under ``torchrun --nproc_per_node=N rlhf-fast <command> --distributed ddp|fsdp``:
+every rank runs the command, rank 0 prints and writes."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rlhf_fast.pipeline.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig, add_arguments, from_args
+
+
+def _say(*lines) -> None:
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(*lines, sep="\n")
 
 
 def _default_task_data(seed: int):
@@ -26,8 +35,7 @@ def _pipeline(args) -> int:
     if args.model_path:
         cfg.model.model = args.model_path
     summary = run_pipeline(cfg, progress=not args.quiet)
-    print(format_summary(summary))
-    print(f"summary: {cfg.output_dir}/summary.json  report: {cfg.output_dir}/report.md")
+    _say(format_summary(summary), f"summary: {cfg.output_dir}/summary.json  report: {cfg.output_dir}/report.md")
     return 0
 
 
@@ -46,13 +54,13 @@ def _sft(args) -> int:
         _, _, data = _default_task_data(cfg.seed)
         train = data["sft"]
     result = SFTTrainer(cfg, model=model, tokenizer=tokenizer, train_data=train, progress=not args.quiet).train()
-    print(json.dumps(result, indent=2))
-    print(f"model: {cfg.output_dir}/model")
+    _say(json.dumps(result, indent=2), f"model: {cfg.output_dir}/model")
     return 0
 
 
 def _rm(args) -> int:
     from rlhf_fast.pipeline import common as C
+    from rlhf_fast.pipeline import distributed as D
     from rlhf_fast.pipeline.reward import RewardTrainer
 
     cfg = from_args(RMConfig, args)
@@ -65,15 +73,14 @@ def _rm(args) -> int:
 
         pcfg, task, data = _default_task_data(cfg.seed)
         tok = C.load_tokenizer(cfg.model, cfg.trust_remote_code)
-        device = C.resolve_device(cfg.device)
+        device = D.setup(cfg.distributed, cfg.device, cfg.precision).device  # every rank samples the same
         policy = C.load_causal_lm(cfg.model, cfg.trust_remote_code, device=device)
         train = label_comparisons(policy, tok, Encoder(tok, cfg.max_prompt_len, cfg.max_response_len), task,
                                   data["rm_prompts"], k_min=cfg.k_min, k_max=cfg.k_max,
                                   max_new_tokens=pcfg.ppo.max_new_tokens, temperature=cfg.sample_temperature,
                                   seed=cfg.seed, device=device)
     result = RewardTrainer(cfg, train_data=train, progress=not args.quiet).train()
-    print(json.dumps(result, indent=2))
-    print(f"reward model: {cfg.output_dir}/model")
+    _say(json.dumps(result, indent=2), f"reward model: {cfg.output_dir}/model")
     return 0
 
 
@@ -87,13 +94,13 @@ def _ppo(args) -> int:
         prompts = data["ppo_prompts"]
         ptx = None if cfg.ptx_data else data["ptx"]
     result = PPOTrainer(cfg, prompts=prompts, ptx_data=ptx, progress=not args.quiet).train()
-    print(json.dumps(result, indent=2))
-    print(f"policy: {cfg.output_dir}/model")
+    _say(json.dumps(result, indent=2), f"policy: {cfg.output_dir}/model")
     return 0
 
 
 def _run(fn):
     def wrapped(args) -> int:
+        from rlhf_fast.pipeline import distributed as D
         from rlhf_fast.pipeline.data import DataError
 
         try:
@@ -101,6 +108,8 @@ def _run(fn):
         except (DataError, ValueError) as e:
             print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
             return 2
+        finally:
+            D.shutdown()  # the process group of a torchrun (or of --distributed without one)
     return wrapped
 
 

@@ -1,8 +1,8 @@
 """Pieces every stage shares: device choice, model/tokenizer loading and saving, log-probs through the
 fused lm_head op, the metrics log, learning-rate schedule and atomic, resumable checkpoints.
 
-No module-level state: everything a stage needs is passed in (device, generators), so that a later
-distributed launcher can run the same code per rank.
+No module-level state: everything a stage needs is passed in (device, generators), so that the same code
+runs per rank under torchrun (the distributed plumbing is in :mod:`rlhf_fast.pipeline.distributed`).
 """
 
 from __future__ import annotations
@@ -90,9 +90,13 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, device=None):
     return model.to(device) if device is not None else model
 
 
-def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, pad_token_id=None):
+def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, pad_token_id=None, seed: int = 0):
     """A sequence-classification model with one output (the reward model / critic): the causal LM's
-    network with its unembedding replaced by a scalar head ``score``."""
+    network with its unembedding replaced by a scalar head ``score``.
+
+    A head missing from the checkpoint (a causal LM turned into a reward model) is initialised from
+    `seed`, not from whatever state the global RNG is in: the same seed gives the same reward model in
+    every process (each rank of a torchrun, a resumed run, a second run)."""
     from transformers import AutoModelForSequenceClassification
 
     if not name:
@@ -100,11 +104,19 @@ def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, p
     kw = {"num_labels": 1, "dtype": torch.float32}
     if pad_token_id is not None:
         kw["pad_token_id"] = pad_token_id
-    model = _with_attention(AutoModelForSequenceClassification.from_pretrained, name, trust_remote_code, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _with_attention(AutoModelForSequenceClassification.from_pretrained, name, trust_remote_code, **kw)
     return model.to(device) if device is not None else model
 
 
+def _unwrap_peft(model):
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) and hasattr(model, "peft_config") else model
+
+
 def scalar_head(model) -> torch.nn.Module:
+    model = _unwrap_peft(model)
     for name in ("score", "classifier"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Module):
@@ -112,13 +124,17 @@ def scalar_head(model) -> torch.nn.Module:
     raise ValueError(f"reward_model: {type(model).__name__} has no scalar head ('score')")
 
 
-def save_model(model, tokenizer, path, extra: dict | None = None) -> None:
-    """save_pretrained (safetensors) + tokenizer, written to a temporary directory and renamed."""
+def save_model(model, tokenizer, path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer, written to a temporary directory and renamed;
+    `state_dict` (e.g. gathered from FSDP shards) replaces the model's own tensors."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:  # save_pretrained pops entries from the dict it is given
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=dict(state_dict))
     tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "rlhf_fast.json").write_text(json.dumps(extra, indent=2))
@@ -142,14 +158,15 @@ def position_ids_from_mask(mask: Tensor) -> Tensor:
 
 
 def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, T, H) last hidden states of the model's base network."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    """(B, T, H) last hidden states of the model's base network (of the transformers model inside a peft
+    model: its adapters apply)."""
+    out = _unwrap_peft(model).base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state
 
 
 def lm_head_params(model) -> tuple[Tensor, Tensor | None]:
-    head = model.get_output_embeddings()
+    head = _unwrap_peft(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"model: {type(model).__name__} has no output embedding (lm_head)")
     return head.weight, getattr(head, "bias", None)
@@ -179,11 +196,17 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor (FSDP2) -> its global value
+
+
 def clip_grad(params, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0: off); returns the norm before clipping. FSDP2's
+    sharded gradients (DTensors) give the norm over all shards."""
     params = [p for p in params if p.grad is not None]
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        return float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    return float(torch.norm(torch.stack([_full(p.grad.norm()) for p in params]))) if params else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,14 +215,16 @@ def clip_grad(params, max_norm: float) -> float:
 
 class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl`` (and to TensorBoard when the
-    ``tensorboard`` package is installed)."""
+    ``tensorboard`` package is installed). ``enabled=False`` (ranks other than 0) writes nothing."""
 
-    def __init__(self, directory, stage: str, tensorboard: bool = True):
+    def __init__(self, directory, stage: str, tensorboard: bool = True, enabled: bool = True):
         self.path = Path(directory) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -211,6 +236,8 @@ class MetricsLog:
         row = {"stage": self.stage, "step": int(step), "time": round(time.time(), 3)}
         for k, v in values.items():
             row[k] = float(v) if isinstance(v, Tensor | int | float) and not isinstance(v, bool) else v
+        if not self.enabled:
+            return row
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -221,7 +248,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (a resumed run rewrites them)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
         kept = [r for r in rows if r.get("step", 0) <= step]
@@ -273,14 +300,21 @@ def _load_optimizer(opt, tensors: dict, meta: dict) -> None:
 def save_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict, state: dict) -> Path:
     """Write ``directory/checkpoint`` atomically: model weights and optimizer state as safetensors,
     scheduler and trainer state (step, RNG state) as JSON / safetensors. Never pickle."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     final = directory / "checkpoint"
     tmp = directory / "checkpoint.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    write_checkpoint_files(tmp, models, optimizers, schedulers, state)
+    _replace_dir(tmp, final)
+    return final
+
+
+def write_checkpoint_files(tmp: Path, models: dict, optimizers: dict, schedulers: dict, state: dict) -> None:
+    """The files of a single-file checkpoint (what :func:`save_checkpoint` renames into place)."""
+    from safetensors.torch import save_file
+
     for name, m in models.items():
         weights = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
         save_file(weights, str(tmp / f"{name}.safetensors"))
@@ -296,21 +330,28 @@ def save_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict,
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(meta))
-    _replace_dir(tmp, final)
-    return final
+
+
+def checkpoint_path(directory) -> Path | None:
+    """``directory/checkpoint`` (or ``checkpoint.old`` when a run was killed between the two renames),
+    None when there is no complete checkpoint."""
+    directory = Path(directory)
+    ck = directory / "checkpoint"
+    if not ck.exists() and (directory / "checkpoint.old").exists():
+        ck = directory / "checkpoint.old"  # killed between the two renames
+    return ck if (ck / "trainer_state.json").exists() else None
 
 
 def load_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict) -> dict | None:
     """Restore what :func:`save_checkpoint` wrote; returns the trainer state, or None without a checkpoint."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    ck = directory / "checkpoint"
-    if not ck.exists() and (directory / "checkpoint.old").exists():
-        ck = directory / "checkpoint.old"  # killed between the two renames
-    if not (ck / "trainer_state.json").exists():
+    ck = checkpoint_path(directory)
+    if ck is None:
         return None
     meta = json.loads((ck / "trainer_state.json").read_text())
+    if meta.get("format") == "dcp-safetensors":
+        raise ValueError(f"resume: {ck} holds FSDP shards; resume it with --distributed fsdp")
     for name, m in models.items():
         m.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
     for name, opt in optimizers.items():
@@ -339,21 +380,23 @@ def run_steps(trainer, out: Path, log: MetricsLog, desc: str, postfix: tuple[str
     """The step loop shared by the SFT and reward trainers: resume from the checkpoint in `out` when
     trainer.config.resume, then trainer.step(trainer.batch_at(i)) until trainer.total_steps, logging
     every config.log_every steps and checkpointing every config.checkpoint_every. Returns the
-    seconds spent. The trainer provides config, step_count, total_steps, progress, step, batch_at and
-    _ckpt() -> (models, optimizers, schedulers)."""
+    seconds spent. The trainer provides config, dist, step_count, total_steps, progress, step, batch_at
+    and _ckpt() -> (models, optimizers, schedulers). Progress bar and log on rank 0 only."""
     import time
 
     from tqdm.auto import tqdm
 
-    cfg = trainer.config
+    from rlhf_fast.pipeline import distributed as D
+
+    cfg, d = trainer.config, trainer.dist
     if cfg.resume:
-        st = load_checkpoint(out, *trainer._ckpt())
+        st = D.load_checkpoint(d, out, *trainer._ckpt())
         if st is not None:
             trainer.step_count = st["step"]
             log.truncate_after(trainer.step_count)
     t0 = time.time()
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc=desc, disable=not trainer.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc=desc,
+               disable=not (trainer.progress and d.is_main), dynamic_ncols=True)
     while trainer.step_count < trainer.total_steps:
         stats = trainer.step(trainer.batch_at(trainer.step_count))
         bar.update(1)
@@ -362,7 +405,7 @@ def run_steps(trainer, out: Path, log: MetricsLog, desc: str, postfix: tuple[str
             bar.set_postfix({k: f"{stats[k]:.3f}" for k in postfix})
         if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
                 and trainer.step_count < trainer.total_steps:
-            save_checkpoint(out, *trainer._ckpt(), {"step": trainer.step_count})
+            D.save_checkpoint(d, out, *trainer._ckpt(), {"step": trainer.step_count})
     bar.close()
     return time.time() - t0
 

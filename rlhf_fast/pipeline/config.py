@@ -21,6 +21,29 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Scale-out fields, the same in every stage (rlhf_fast/pipeline/distributed.py).
+_SCALE = {
+    "distributed": ("none", "'none': one process; 'ddp': DistributedDataParallel; 'fsdp': FSDP2 fully_shard per "
+                            "decoder layer + root, sharded checkpoints. Several processes: launch with torchrun "
+                            "(NCCL on GPU, gloo on CPU); batch sizes are global, shared out by rank"),
+    "grad_accum": (1, "micro-batches per optimizer step: each rank's share of the global batch is split in this "
+                      "many, every loss normalised by the global count (the gradient of one batch)"),
+    "gradient_checkpointing": (False, "recompute each decoder layer's activations in the backward (less memory)"),
+    "precision": ("auto", "'auto' (bf16 autocast on GPU, with FSDP2 bf16 parameters and fp32 gradient reduction; "
+                          "fp32 on CPU), 'fp32' or 'bf16'"),
+    "lora_r": (0, "LoRA rank (peft) of the trained model(s); 0: train every weight"),
+    "lora_alpha": (16.0, "LoRA alpha (the update is scaled by alpha / r)"),
+    "lora_dropout": (0.0, "dropout on the LoRA branch"),
+    "lora_target_modules": ([], "module names that get LoRA adapters (empty: every linear layer but the output "
+                                "head, peft's 'all-linear')"),
+}
+
+
+def _scale(name: str):
+    default, help_text = _SCALE[name]
+    return _f(default, help_text)
+
+
 @dataclass
 class TaskConfig:
     """The embedded default task (rlhf_fast/pipeline/task.py) and how much of it each stage sees."""
@@ -63,7 +86,7 @@ class SFTConfig:
     output_dir: str = _f("runs/sft", "where the model, tokenizer, metrics and checkpoints go")
     epochs: int = _f(2, "passes over the data")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
-    batch_size: int = _f(32, "examples per optimizer step")
+    batch_size: int = _f(32, "examples per optimizer step (all ranks together)")
     lr: float = _f(3e-3, "peak learning rate (AdamW, linear warm-up then cosine decay)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(20, "linear warm-up steps")
@@ -77,6 +100,14 @@ class SFTConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+    distributed: str = _scale("distributed")
+    grad_accum: int = _scale("grad_accum")
+    gradient_checkpointing: bool = _scale("gradient_checkpointing")
+    precision: str = _scale("precision")
+    lora_r: int = _scale("lora_r")
+    lora_alpha: float = _scale("lora_alpha")
+    lora_dropout: float = _scale("lora_dropout")
+    lora_target_modules: list = _scale("lora_target_modules")
 
 
 @dataclass
@@ -92,7 +123,8 @@ class RMConfig:
     sample_temperature: float = _f(1.0, "temperature of the SFT samples that get ranked")
     epochs: int = _f(3, "passes over the comparisons")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
-    batch_size: int = _f(16, "prompts per optimizer step (all K answers of a prompt in one batch element)")
+    batch_size: int = _f(16, "prompts per optimizer step, all ranks together (all K answers of a prompt in one "
+                             "batch element)")
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(10, "linear warm-up steps")
@@ -107,6 +139,14 @@ class RMConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+    distributed: str = _scale("distributed")
+    grad_accum: int = _scale("grad_accum")
+    gradient_checkpointing: bool = _scale("gradient_checkpointing")
+    precision: str = _scale("precision")
+    lora_r: int = _scale("lora_r")
+    lora_alpha: float = _scale("lora_alpha")
+    lora_dropout: float = _scale("lora_dropout")
+    lora_target_modules: list = _scale("lora_target_modules")
 
 
 @dataclass
@@ -120,13 +160,14 @@ class PPOConfig:
                                     "task's ptx set; none with user prompts)")
     output_dir: str = _f("runs/ppo", "where the policy, critic, metrics and checkpoints go")
     iterations: int = _f(60, "rollout + update iterations")
-    prompts_per_iteration: int = _f(32, "prompts sampled per iteration")
+    prompts_per_iteration: int = _f(32, "prompts sampled per iteration (all ranks together; each rank generates "
+                                        "for its share)")
     samples_per_prompt: int = _f(4, "answers generated per prompt")
     max_new_tokens: int = _f(14, "most tokens generated per answer")
     temperature: float = _f(1.0, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
-    minibatch_size: int = _f(64, "answers per optimizer step")
+    minibatch_size: int = _f(64, "answers per optimizer step (all ranks together)")
     lr: float = _f(5e-4, "actor learning rate")
     critic_lr: float = _f(1e-3, "critic learning rate")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
@@ -141,7 +182,7 @@ class PPOConfig:
     kl_bound: float = _f(0.3, "the run's bound on mean per-token KL to SFT (checked in the summary)")
     entropy_coef: float = _f(0.0, "entropy bonus weight")
     ptx_coef: float = _f(0.5, "gamma: weight of the ptx log-likelihood term")
-    ptx_batch_size: int = _f(16, "ptx texts per optimizer step")
+    ptx_batch_size: int = _f(16, "ptx texts per optimizer step (all ranks together)")
     score_clip: float = _f(5.0, "clip of the reward-model score (0: off)")
     rule_rewards: list = _f([], "rule rewards 'module:function' (fn(prompt, response) -> float), added to the RM score")
     rule_reward_coef: float = _f(1.0, "weight of the summed rule rewards")
@@ -155,6 +196,16 @@ class PPOConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many iterations (0: only at the end)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+    distributed: str = _scale("distributed")
+    grad_accum: int = _scale("grad_accum")
+    gradient_checkpointing: bool = _scale("gradient_checkpointing")
+    precision: str = _scale("precision")
+    lora_r: int = _f(0, "LoRA rank (peft) of actor and critic; 0: train every weight. With LoRA the reference "
+                        "policy is the actor with its adapter disabled and the reward model the critic with its "
+                        "adapter disabled: one copy of each network")
+    lora_alpha: float = _scale("lora_alpha")
+    lora_dropout: float = _scale("lora_dropout")
+    lora_target_modules: list = _scale("lora_target_modules")
 
 
 @dataclass
@@ -167,6 +218,8 @@ class PipelineConfig:
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
     resume: bool = _f(False, "continue a killed run: finished stages are skipped, the running one resumes")
     plots: bool = _f(True, "write PNG plots (needs matplotlib)")
+    distributed: str = _scale("distributed")
+    precision: str = _scale("precision")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "default task"})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "SFT stage"})
@@ -219,13 +272,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         tp, _ = _base_type(f.type)
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])  # --grad-accum too
+        kw = {"dest": name, "default": None, "help": f"{help_text} (default: {default})"}
         if tp is bool:
-            parser.add_argument(f"--{name}", type=_parse_bool, default=None, metavar="BOOL",
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(*flags, type=_parse_bool, metavar="BOOL", **kw)
         elif tp is list:
-            parser.add_argument(f"--{name}", nargs="*", default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(*flags, nargs="*", **kw)
         else:
-            parser.add_argument(f"--{name}", type=tp, default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(*flags, type=tp, **kw)
 
 
 def _set_path(obj, dotted: str, value, source: str):

@@ -173,6 +173,13 @@ class LMBatch:
     def to(self, device):
         return LMBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
+    def rows(self, index) -> LMBatch:
+        """The sub-batch of rows `index` (a slice or an index tensor), e.g. one micro-batch."""
+        return LMBatch(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
     @property
     def num_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())

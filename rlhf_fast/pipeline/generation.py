@@ -40,14 +40,21 @@ class Samples:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, pad_id: int, eos_id: int, device) -> Samples:
-    """`num_samples` answers per prompt (rows grouped by prompt) from ``model.generate``."""
+    """`num_samples` answers per prompt (rows grouped by prompt) from ``model.generate``.
+
+    An FSDP2-sharded model gathers each layer's weights at every decoding step, a collective: then
+    ``generate(synced_gpus=True)`` keeps every rank stepping until all ranks' answers are finished (ranks
+    that finished early run dummy steps), as transformers does for DeepSpeed ZeRO-3."""
+    from rlhf_fast.pipeline.distributed import is_fsdp
+
+    synced = is_fsdp(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     was = model.training
     model.eval()
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
                          top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=num_samples, use_cache=True,
-                         pad_token_id=pad_id, eos_token_id=eos_id)
+                         pad_token_id=pad_id, eos_token_id=eos_id, **({"synced_gpus": True} if synced else {}))
     model.train(was)
     p = ids.shape[1]
     gen = out[:, p:]                                                    # (B, N)

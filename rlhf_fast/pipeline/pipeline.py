@@ -1,5 +1,9 @@
 """SFT -> reward model -> PPO-ptx end to end on the embedded default task (rlhf_fast/pipeline/task.py),
-or with the user's base model (``model.model``), evaluated on held-out prompts after each stage."""
+or with the user's base model (``model.model``), evaluated on held-out prompts after each stage.
+
+Under torchrun (``distributed`` "ddp"/"fsdp") every stage trains on all ranks; the evaluations, the
+sampling of the reward model's comparisons and the report run on every rank with the same seeds (so
+every rank holds the same comparisons) from unsharded models, and rank 0 writes the files."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.pipeline import common as C
+from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.config import PipelineConfig, save_yaml
 from rlhf_fast.pipeline.data import Encoder, read_jsonl, write_jsonl
 from rlhf_fast.pipeline.evaluate import gold_eval, labeler_agreement, rm_gold_accuracy
@@ -80,10 +85,12 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     t_start, cpu_start = time.time(), time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    d = D.setup(cfg.distributed, cfg.device, cfg.precision)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
-    device = C.resolve_device(cfg.device)
+    if d.is_main:
+        save_yaml(cfg, out / "config.yaml")
+    device = d.device
     task = make_task(cfg)
     data = task_data(cfg, task)
     times: dict[str, float] = {}
@@ -103,7 +110,19 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
 
     def stage_cfg(sub, name):
         return dataclasses.replace(sub, output_dir=str(out / name), seed=cfg.seed, device=cfg.device,
-                                   resume=cfg.resume, trust_remote_code=cfg.model.trust_remote_code)
+                                   resume=cfg.resume, trust_remote_code=cfg.model.trust_remote_code,
+                                   distributed=cfg.distributed, precision=cfg.precision)
+
+    def plain(trained, path, loader, stage):
+        """The stage's model for evaluation and sampling: the trainer's own, or — when it is sharded
+        (FSDP) or a LoRA model — the merged export reloaded, the same on every rank."""
+        if d.mode == "fsdp" or stage.lora_r:
+            return loader(str(path), device=device)
+        return trained
+
+    def write(path: Path, text: str) -> None:
+        if d.is_main:
+            path.write_text(text)
 
     # -- SFT -------------------------------------------------------------------------------
     t0 = time.time()
@@ -115,8 +134,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         trainer = SFTTrainer(stage_cfg(cfg.sft, "sft"), model=base, tokenizer=tokenizer, train_data=data["sft"],
                              progress=progress)
         sft_result = trainer.train()
-        (sft_dir / "result.json").write_text(json.dumps(sft_result))
-        sft_model = trainer.model
+        write(sft_dir / "result.json", json.dumps(sft_result))
+        sft_model = plain(trainer.model, sft_dir / "model", C.load_causal_lm, cfg.sft)
     sft_model.eval()
     sft_eval = gold_eval(sft_model, tokenizer, encoder, task, data["eval_prompts"], num_samples=ev.eval_samples,
                          max_new_tokens=gen_len, seed=cfg.seed + 7, device=device)
@@ -134,18 +153,21 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         comparisons = label_comparisons(sft_model, tokenizer, encoder, task, data["rm_prompts"], k_min=cfg.rm.k_min,
                                         k_max=cfg.rm.k_max, max_new_tokens=gen_len,
                                         temperature=cfg.rm.sample_temperature, seed=cfg.seed, device=device)
-        write_jsonl(comp_path, comparisons)
+        if d.is_main:
+            write_jsonl(comp_path, comparisons)
     agreement = labeler_agreement(task, comparisons)
     if cfg.resume and _stage_done(rm_dir):
         rm_model = C.load_scalar_model(str(rm_dir / "model"), device=device, pad_token_id=tokenizer.pad_token_id)
         rm_result = json.loads((rm_dir / "result.json").read_text())
     else:
-        rm_model = C.load_scalar_model(str(sft_dir / "model"), pad_token_id=tokenizer.pad_token_id)
+        rm_model = C.load_scalar_model(str(sft_dir / "model"), pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
         rm_trainer = RewardTrainer(stage_cfg(cfg.rm, "rm"), model=rm_model, tokenizer=tokenizer,
                                    train_data=comparisons, progress=progress)
         rm_result = rm_trainer.train()
-        (rm_dir / "result.json").write_text(json.dumps(rm_result))
-        rm_model = rm_trainer.model
+        write(rm_dir / "result.json", json.dumps(rm_result))
+        rm_model = plain(rm_trainer.model, rm_dir / "model",
+                         lambda p, device: C.load_scalar_model(p, device=device, pad_token_id=tokenizer.pad_token_id),
+                         cfg.rm)
     rm_eval = rm_gold_accuracy(rm_model, sft_model, tokenizer, encoder, task, data["eval_prompts"], k=ev.rm_eval_k,
                                max_new_tokens=gen_len, seed=cfg.seed + 11, device=device,
                                packing=rm_result.get("packing", "padded"))
@@ -170,8 +192,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
                          tokenizer=tokenizer, prompts=data["ppo_prompts"], ptx_data=data["ptx"], evaluator=evaluator,
                          progress=progress)
         ppo_result = ppo.train()
-        (ppo_dir / "result.json").write_text(json.dumps(ppo_result))
-        policy = ppo.actor
+        write(ppo_dir / "result.json", json.dumps(ppo_result))
+        policy = plain(ppo.actor, ppo_dir / "model", C.load_causal_lm, cfg.ppo)
     policy.eval()
     ppo_eval = gold_eval(policy, tokenizer, encoder, task, data["eval_prompts"], num_samples=ev.eval_samples,
                          max_new_tokens=gen_len, seed=cfg.seed + 7, device=device, ref=sft_model)
@@ -200,12 +222,14 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         "kl_per_token<=kl_bound": summary["kl_per_token"] <= cfg.ppo.kl_bound,
         "ptx_loss_ppo<=1.1*ptx_loss_sft": ptx_loss_ppo <= 1.1 * ptx_loss_sft,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write(out / "summary.json", json.dumps(summary, indent=2))
     samples = {"sft": sft_eval["samples"], "ppo": ppo_eval["samples"]}
-    (out / "samples.json").write_text(json.dumps(samples, indent=1))
-    from rlhf_fast.pipeline import report
+    write(out / "samples.json", json.dumps(samples, indent=1))
+    if d.is_main:
+        from rlhf_fast.pipeline import report
 
-    report.write_report(out, summary, samples, cfg, plots=cfg.plots)
+        report.write_report(out, summary, samples, cfg, plots=cfg.plots)
+    d.barrier()
     return summary
 
 

@@ -12,8 +12,10 @@ score added on the last token (beta fixed or adapted towards ``kl_target``); adv
   critic  :func:`rlhf_fast.value_loss` — clipped value loss; the critic is the reward model's network
           with its scalar head read at every position
 
-Actor, critic, frozen reference and reward model are separate modules on one explicit device; losses
-take ``num_items`` (the minibatch's answer tokens) so a data-parallel launcher can pass global counts.
+Actor, critic, frozen reference and reward model are separate modules on one explicit device (with LoRA,
+the reference and the reward model are the actor and the critic with their adapters disabled). Under
+torchrun each rank generates for its share of the prompts; losses take ``num_items`` = the minibatch's
+answer tokens over all ranks, and the advantages are whitened with all-reduced statistics.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor
 
 import rlhf_fast
 from rlhf_fast.pipeline import common as C
+from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.config import PPOConfig
 from rlhf_fast.pipeline.data import IGNORE, Encoder, load_prompts, load_ptx
 from rlhf_fast.pipeline.generation import Samples, sample
@@ -59,6 +62,14 @@ def load_rule(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
+def _without_adapter(fn):
+    """fn(model, ...) run with the peft model's LoRA adapter disabled (the base model)."""
+    def run(model, *args, **kwargs):
+        with model.disable_adapter():
+            return fn(model, *args, **kwargs)
+    return run
+
+
 class AdaptiveKL:
     """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al. 2019), per token."""
 
@@ -86,6 +97,14 @@ class PPOTrainer:
     (``AutoModelForSequenceClassification``, one label); the reference is a frozen copy of the policy
     and the critic a trainable copy of the reward model. ``evaluator(policy) -> dict`` (optional) is
     called every ``eval_every`` iterations and its numbers are logged.
+
+    With ``lora_r > 0`` actor and critic are peft LoRA models: the reference log-probs come from the actor
+    with its adapter disabled and the reward model's scores from the critic with its adapter disabled, so
+    each network is held once (``ref`` and ``reward_model`` are None).
+
+    Under torchrun each rank generates for rows ``r::world_size`` of the iteration's prompts, scores and
+    updates on its own answers; the reward normalisation, advantage whitening, KL statistics and every
+    loss's ``num_items`` are global (all-reduced), so they do not depend on the world size.
     """
 
     def __init__(self, config: PPOConfig, *, policy=None, reward_model=None, tokenizer=None,
@@ -93,7 +112,8 @@ class PPOTrainer:
                  rules: list[Callable[[str, str], float]] | None = None,
                  evaluator: Callable | None = None, progress: bool = True):
         cfg = self.config = config
-        self.device = C.resolve_device(cfg.device)
+        d = self.dist = D.setup(cfg.distributed, cfg.device, cfg.precision)
+        self.device = d.device
         if tokenizer is None:
             if not cfg.policy:
                 raise ValueError("policy: give PPOConfig.policy (the SFT model's path) or pass policy= and tokenizer=")
@@ -106,20 +126,38 @@ class PPOTrainer:
             if not cfg.reward_model:
                 raise ValueError("reward_model: give PPOConfig.reward_model (a path) or pass reward_model=")
             reward_model = C.load_scalar_model(cfg.reward_model, cfg.trust_remote_code,
-                                               pad_token_id=tokenizer.pad_token_id)
+                                               pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
         for name in ("temperature", "top_p", "clip_eps", "minibatch_size", "samples_per_prompt",
                      "prompts_per_iteration", "max_new_tokens"):
             if not getattr(cfg, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(cfg, name)}")
+        if cfg.grad_accum < 1:
+            raise ValueError(f"grad_accum: must be >= 1, got {cfg.grad_accum}")
+        if cfg.prompts_per_iteration % d.world_size:
+            raise ValueError(f"prompts_per_iteration: {cfg.prompts_per_iteration} is not a multiple of the world "
+                             f"size {d.world_size} (every rank generates for the same number of prompts)")
         self.tokenizer = tokenizer
-        self.actor = policy.to(self.device)
-        weight, bias = C.lm_head_params(self.actor)
+        weight, bias = C.lm_head_params(policy)
         if bias is not None:
             raise ValueError("policy: an lm_head with a bias is not supported by linear_ppo_loss")
-        self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False)
-        self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
-        self.critic = copy.deepcopy(self.reward_model).train().requires_grad_(True)
-        self.rm_head, self.critic_head = C.scalar_head(self.reward_model), C.scalar_head(self.critic)
+        policy = policy.to(self.device)
+        reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        if cfg.lora_r:
+            # one copy of each network: reference = actor without its adapter, reward model = critic without
+            self.ref, self.reward_model = None, None
+            self.actor = D.prepare(policy, cfg, d, "CAUSAL_LM")
+            self.critic = D.prepare(reward_model, cfg, d, "SEQ_CLS").train()
+        else:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.reward_model = reward_model
+            self.actor = D.prepare(policy, cfg, d)
+            self.critic = D.prepare(copy.deepcopy(reward_model).train().requires_grad_(True), cfg, d)
+        self.actor_run = D.Engine(self.actor, d)
+        self.critic_run = D.Engine(self.critic, d)
+        self.ref_run = None if self.ref is None else D.Engine(self.ref, d, trainable=False)
+        self.rm_run = None if self.reward_model is None else D.Engine(self.reward_model, d, trainable=False)
+        self.rm_head = None if self.reward_model is None else C.scalar_head(self.reward_model)
+        self.critic_head = C.scalar_head(self.critic)
         if prompts is None:
             if not cfg.prompts:
                 raise ValueError("prompts: give PPOConfig.prompts (a JSONL file) or pass prompts=")
@@ -130,31 +168,48 @@ class PPOTrainer:
             ptx_data = load_ptx(cfg.ptx_data)
         self.prompts = prompts
         self.ptx_data = ptx_data or []
+        if self.ptx_data and cfg.ptx_coef != 0:
+            D.check_batch("ptx_batch_size", cfg.ptx_batch_size, d, cfg.grad_accum)
         self.rules = list(rules or []) + [load_rule(s) for s in cfg.rule_rewards]
         self.evaluator = evaluator
         self.progress = progress
         self.encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens)
         self.ptx_encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens + 2)
         self.prompt_ids = [self.encoder.prompt(p["prompt"], p.get("_where", "")) for p in prompts]
-        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95),
-                                            weight_decay=0.0)
+        self.actor_opt = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                           weight_decay=0.0)
+        self.critic_opt = torch.optim.AdamW(self.critic_run.trainable_parameters(), lr=cfg.critic_lr,
+                                            betas=(0.9, 0.95), weight_decay=0.0)
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.score_norm: tuple[float, float] | None = None
         self.iteration = 0
 
     # -- rollout ---------------------------------------------------------------------------
     def prompts_at(self, iteration: int) -> list[int]:
+        """The global prompt indices of an iteration (each rank generates for its share, :func:`D.shard`)."""
         g = torch.Generator().manual_seed(C.step_seed(self.config.seed, 1, iteration))
         n = len(self.prompts)
         k = self.config.prompts_per_iteration
         return torch.randperm(n, generator=g)[:k].tolist() if k <= n else torch.randint(n, (k,), generator=g).tolist()
 
+    def ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """(B, T-1) log-probs of the reference policy: the frozen SFT copy, or with LoRA the actor with its
+        adapter disabled."""
+        t = self.config.temperature
+        if self.ref_run is not None:
+            return self.ref_run.no_grad(C.token_logprobs, input_ids, attention_mask, labels, t)
+        return self.actor_run.no_grad(_without_adapter(C.token_logprobs), input_ids, attention_mask, labels, t)
+
     @torch.no_grad()
     def scores(self, s: Samples, prompt_texts: list[str]) -> tuple[Tensor, Tensor]:
         """(raw RM score + rule rewards (B,), the RM score alone (B,))."""
-        h = C.hidden_states(self.reward_model, s.input_ids, s.attention_mask)
-        rm = self.rm_head(h[torch.arange(h.shape[0], device=self.device), s.last_index]).squeeze(-1).float()
+        def rm_score(model):
+            h = C.hidden_states(model, s.input_ids, s.attention_mask)
+            last = h[torch.arange(h.shape[0], device=h.device), s.last_index]
+            return C.scalar_head(model)(last).squeeze(-1).float()
+
+        rm = self.rm_run.no_grad(rm_score) if self.rm_run is not None else \
+            self.critic_run.no_grad(_without_adapter(rm_score))
         total = rm.clone()
         if self.rules:
             texts = s.texts(self.tokenizer)
@@ -165,20 +220,26 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> dict:
-        cfg = self.config
-        idx = self.prompts_at(iteration)
+        """This rank's answers to its share of the iteration's prompts, with old / reference log-probs,
+        values, shaped rewards, GAE advantages (whitened over all ranks) and returns; statistics global."""
+        cfg, d = self.config, self.dist
+        idx = D.shard(self.prompts_at(iteration), d)
         prompt_ids = [self.prompt_ids[i] for i in idx]
         texts = [self.prompts[i]["prompt"] for i in idx]
-        torch.manual_seed(C.step_seed(cfg.seed, 2, iteration))  # the sampling of this iteration
-        s = sample(self.actor, prompt_ids, num_samples=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, pad_id=self.tokenizer.pad_token_id,
-                   eos_id=self.tokenizer.eos_token_id, device=self.device)
-        old_lp = C.token_logprobs(self.actor, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
-        ref_lp = C.token_logprobs(self.ref, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
-        values = values_of(self.critic, self.critic_head, s.input_ids, s.attention_mask)
+        # the sampling of this iteration (rank 0 draws what a single process draws)
+        torch.manual_seed(C.step_seed(cfg.seed, 2, iteration, *([d.rank] if d.rank else [])))
+        s = self.actor_run.no_grad(sample, prompt_ids, num_samples=cfg.samples_per_prompt,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
+                                   device=self.device)
+        old_lp = self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
+        ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
+        values = self.critic_run.no_grad(
+            lambda m: values_of(m, C.scalar_head(m), s.input_ids, s.attention_mask))
         score, rm_score = self.scores(s, texts)
-        if self.score_norm is None:  # the first rollout's answers set the scale of the reward
-            self.score_norm = (float(score.mean()), float(score.std().clamp_min(1e-6)))
+        if self.score_norm is None:  # the first rollout's answers (all ranks) set the scale of the reward
+            mean, std, _ = D.global_mean_std(score, d)
+            self.score_norm = (mean, max(std, 1e-6))
         mean, std = self.score_norm
         norm_score = (score - mean) / std
         if cfg.score_clip:
@@ -188,83 +249,126 @@ class PPOTrainer:
         rewards = -self.kl_ctl.beta * kl
         rows = torch.arange(rewards.shape[0], device=self.device)
         rewards[rows, s.last_index - 1] += norm_score
-        adv, ret = rlhf_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                 whiten=cfg.whiten_advantages)
-        n_tok = mask.sum().clamp_min(1)
-        kl_token = float(kl.sum() / n_tok)
-        return {"samples": s, "old_lp": old_lp, "ref_lp": ref_lp, "values": values, "adv": adv, "ret": ret,
-                "stats": {"score": float(rm_score.mean()), "reward": float(score.mean()),
-                          "norm_score": float(norm_score.mean()), "kl_per_token": kl_token,
-                          "kl_per_answer": float(kl.sum(1).mean()), "beta": self.kl_ctl.beta,
-                          "answer_len": float(mask.sum(1).float().mean()),
-                          "value_mean": float((values * mask).sum() / n_tok)}}
+        adv, ret = rlhf_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:  # over every rank's tokens: the same numbers at any world size
+            adv = D.masked_whiten(adv, mask, d)
+        n_rows, n_tok, s_rm, s_score, s_norm, s_kl, s_value = d.sum(
+            rows.numel(), mask.sum(), rm_score.sum(), score.sum(), norm_score.sum(), kl.sum(),
+            (values * mask).sum())
+        return {"samples": s, "old_lp": old_lp, "ref_lp": ref_lp, "values": values, "rewards": rewards,
+                "adv": adv, "ret": ret, "rows": int(n_rows),
+                "stats": {"score": s_rm / n_rows, "reward": s_score / n_rows, "norm_score": s_norm / n_rows,
+                          "kl_per_token": s_kl / max(1.0, n_tok), "kl_per_answer": s_kl / n_rows,
+                          "beta": self.kl_ctl.beta, "answer_len": n_tok / n_rows,
+                          "value_mean": s_value / max(1.0, n_tok)}}
 
     # -- update ----------------------------------------------------------------------------
     def ptx_batch(self, iteration: int, epoch: int, mb: int):
+        """This rank's share of the global ptx batch of a minibatch (None without ptx)."""
         if not self.ptx_data or self.config.ptx_coef == 0:
             return None
         g = torch.Generator().manual_seed(C.step_seed(self.config.seed, 3, iteration, epoch, mb))
         idx = torch.randint(len(self.ptx_data), (self.config.ptx_batch_size,), generator=g).tolist()
-        return encode_lm(self.ptx_encoder, [self.ptx_data[i] for i in idx]).to(self.device)
+        return encode_lm(self.ptx_encoder, [self.ptx_data[i] for i in D.shard(idx, self.dist)]).to(self.device)
 
-    def update_minibatch(self, ro: dict, rows: Tensor, ptx) -> dict:
-        """One actor step (linear_ppo_loss) and one critic step (value_loss) on rollout rows `rows`."""
+    def _actor_loss(self, model, ro: dict, rows: Tensor, ptx, num_items: int, ptx_coef: float):
         cfg = self.config
         s: Samples = ro["samples"]
         ids, attn = s.input_ids[rows], s.attention_mask[rows]
         mask, labels = s.response_mask[rows], s.labels[rows]
-        num_items = mask.sum()
-        weight, _ = C.lm_head_params(self.actor)
-        hidden = C.hidden_states(self.actor, ids, attn)[:, :-1]
+        weight, _ = C.lm_head_params(model)
+        hidden = C.hidden_states(model, ids, attn)[:, :-1]
         ptx_hidden = ptx_labels = None
         if ptx is not None:
-            ptx_hidden = C.hidden_states(self.actor, ptx.input_ids, ptx.attention_mask)[:, :-1]
+            ptx_hidden = C.hidden_states(model, ptx.input_ids, ptx.attention_mask)[:, :-1]
             ptx_labels = ptx.labels
-        loss, pst = rlhf_fast.linear_ppo_loss(
+        return rlhf_fast.linear_ppo_loss(
             hidden, weight, labels.clamp_min(0), ro["old_lp"][rows], ro["adv"][rows], mask,
             ref_logprobs=ro["ref_lp"][rows], kl_coef=0.0, entropy_coef=cfg.entropy_coef, clip_eps=cfg.clip_eps,
             num_items=num_items, ptx_hidden=ptx_hidden, ptx_labels=ptx_labels,
-            ptx_coef=cfg.ptx_coef if ptx is not None else 0.0, temperature=cfg.temperature, ignore_index=IGNORE)
+            ptx_coef=ptx_coef if ptx is not None else 0.0, temperature=cfg.temperature, ignore_index=IGNORE)
+
+    def _critic_loss(self, model, ro: dict, rows: Tensor, num_items: int):
+        s: Samples = ro["samples"]
+        values = values_of(model, C.scalar_head(model), s.input_ids[rows], s.attention_mask[rows])
+        return rlhf_fast.value_loss(values, ro["values"][rows], ro["ret"][rows], s.response_mask[rows],
+                                    clip_eps=self.config.value_clip_eps, num_items=num_items)
+
+    def update_minibatch(self, ro: dict, rows: Tensor, ptx) -> dict:
+        """One actor step (linear_ppo_loss) and one critic step (value_loss) on this rank's rollout rows
+        `rows` and ptx batch `ptx`, each in ``grad_accum`` micro-batches; the losses are normalised by the
+        minibatch's answer tokens over all ranks (the ptx term by its ptx tokens over all ranks)."""
+        cfg, d = self.config, self.dist
+        s: Samples = ro["samples"]
+        tok = s.response_mask[rows].sum(1)                                     # answer tokens per row
+        micro = D.micro_splits(rows.numel(), cfg.grad_accum)
+        whole = len(micro) == 1
+        n_tok, n_ptx = d.sum(tok.sum(), 0 if ptx is None else ptx.num_tokens)
+        n_tok = int(n_tok)
+        ptx_parts = None if ptx is None else D.micro_splits(len(ptx), len(micro))
+        st = D.Stats()
+
         self.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        actor_gnorm = C.clip_grad(self.actor.parameters(), cfg.max_grad_norm)
+        for j, sl in enumerate(micro):
+            r = rows if whole else rows[sl]
+            p = None if ptx is None else (ptx if whole else ptx.rows(ptx_parts[j]))
+            share = 0.0 if p is None else p.num_tokens / max(1.0, n_ptx)      # 1.0 for one whole batch
+            with self.actor_run.sync(j == len(micro) - 1):
+                loss, pst = self.actor_run(self._actor_loss, ro, r, p, n_tok, cfg.ptx_coef * share)
+                self.actor_run.backward(loss)
+            n_here = float(tok[sl].sum())
+            st.total("loss", loss.detach())
+            st.total("policy_loss", pst["policy_loss"])
+            for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
+                st.add(k, pst[k], n_here)
+            if n_here > 0:
+                st.low("ratio_min", pst["ratio_min"])
+                st.high("ratio_max", pst["ratio_max"])
+            st.add("ptx_loss", pst["ptx_loss"], 0 if p is None else p.num_tokens)
+        actor_gnorm = C.clip_grad(self.actor_run.trainable_parameters(), cfg.max_grad_norm)
         self.actor_opt.step()
 
-        values = values_of(self.critic, self.critic_head, ids, attn)
-        vloss, vst = rlhf_fast.value_loss(values, ro["values"][rows], ro["ret"][rows], mask,
-                                          clip_eps=cfg.value_clip_eps, num_items=num_items)
         self.critic_opt.zero_grad(set_to_none=True)
-        vloss.backward()
-        critic_gnorm = C.clip_grad(self.critic.parameters(), cfg.max_grad_norm)
+        for j, sl in enumerate(micro):
+            r = rows if whole else rows[sl]
+            with self.critic_run.sync(j == len(micro) - 1):
+                vloss, vst = self.critic_run(self._critic_loss, ro, r, n_tok)
+                self.critic_run.backward(vloss)
+            n_here = float(tok[sl].sum())
+            st.total("value_loss", vloss.detach())
+            st.add("value_clip_frac", vst["clip_frac"], n_here)
+            st.add("explained_variance", vst["explained_variance"], n_here)  # per-part, token-weighted
+        critic_gnorm = C.clip_grad(self.critic_run.trainable_parameters(), cfg.max_grad_norm)
         self.critic_opt.step()
-        out = {"loss": float(loss.detach()), "value_loss": float(vloss.detach()), "actor_grad_norm": actor_gnorm,
-               "critic_grad_norm": critic_gnorm}
-        out.update({k: float(v.detach()) for k, v in pst.items()})
-        out["value_clip_frac"] = float(vst["clip_frac"])
-        out["explained_variance"] = float(vst["explained_variance"])
+        out = st.reduce(d)
+        out["actor_grad_norm"], out["critic_grad_norm"] = actor_gnorm, critic_gnorm
         return out
 
     def step(self, iteration: int | None = None) -> dict:
-        """One PPO iteration: rollout, then ppo_epochs x minibatch updates. Returns the logged statistics."""
-        cfg = self.config
+        """One PPO iteration: rollout, then ppo_epochs x minibatch updates. Returns the logged statistics.
+
+        Each rank splits its rollout rows into minibatches of ``ceil(minibatch_size / world_size)`` rows
+        (every rank has as many rows, so as many minibatches)."""
+        cfg, d = self.config, self.dist
         it = self.iteration if iteration is None else iteration
         t0 = time.time()
         ro = self.rollout(it)
         t_roll = time.time() - t0
         b = ro["samples"].input_ids.shape[0]
+        chunk = -(-cfg.minibatch_size // d.world_size)
         agg: dict[str, float] = {}
         n_mb = 0
         for epoch in range(cfg.ppo_epochs):
             g = torch.Generator().manual_seed(C.step_seed(cfg.seed, 4, it, epoch))
             perm = torch.randperm(b, generator=g).to(self.device)
-            for mb, start in enumerate(range(0, b, cfg.minibatch_size)):
-                st = self.update_minibatch(ro, perm[start: start + cfg.minibatch_size], self.ptx_batch(it, epoch, mb))
+            for mb, start in enumerate(range(0, b, chunk)):
+                st = self.update_minibatch(ro, perm[start: start + chunk], self.ptx_batch(it, epoch, mb))
                 for k, v in st.items():
                     agg[k] = agg.get(k, 0.0) + v
                 n_mb += 1
         stats = {k: v / max(1, n_mb) for k, v in agg.items()}
         stats.update(ro["stats"])
-        self.kl_ctl.update(ro["stats"]["kl_per_token"], b)
+        self.kl_ctl.update(ro["stats"]["kl_per_token"], ro["rows"])
         stats["rollout_s"], stats["step_s"] = t_roll, time.time() - t0
         self.iteration = it + 1
         return stats
@@ -281,37 +385,40 @@ class PPOTrainer:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg, d = self.config, self.dist
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        log = C.MetricsLog(out, "ppo")
+        log = C.MetricsLog(out, "ppo", enabled=d.is_main)
         if cfg.resume:
-            st = C.load_checkpoint(out, *self._ckpt())
+            st = D.load_checkpoint(d, out, *self._ckpt())
             if st is not None:
                 self.iteration, self.kl_ctl.beta = st["step"], st["beta"]
                 self.score_norm = tuple(st["score_norm"]) if st["score_norm"] else None
                 log.truncate_after(self.iteration)
         t0 = time.time()
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", disable=not self.progress,
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", disable=not (self.progress and d.is_main),
                    dynamic_ncols=True)
         while self.iteration < cfg.iterations:
             stats = self.step()
             if self.evaluator is not None and cfg.eval_every and (self.iteration % cfg.eval_every == 0):
-                stats.update(self.evaluator(self.actor))
+                stats.update(self.actor_run.no_grad(self.evaluator))  # every rank: FSDP generation is collective
             bar.update(1)
             if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
                 log.log(self.iteration, **stats)
             bar.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_per_token']:.3f}")
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0 \
                     and self.iteration < cfg.iterations:
-                C.save_checkpoint(out, *self._ckpt(), self._state())
+                D.save_checkpoint(d, out, *self._ckpt(), self._state())
         bar.close()
         log.close()
         self.save(out)
-        C.save_checkpoint(out, *self._ckpt(), self._state(done=True))
+        D.save_checkpoint(d, out, *self._ckpt(), self._state(done=True))
         return {"iterations": self.iteration, "train_time_s": time.time() - t0, "beta": self.kl_ctl.beta}
 
     def save(self, out) -> None:
+        """Hugging Face exports of the policy (``out/model``) and the critic (``out/critic``): rank 0 writes,
+        LoRA adapters merged; a collective under FSDP."""
         out = Path(out)
-        C.save_model(self.actor, self.tokenizer, out / "model", {"stage": "ppo", "config": vars(self.config)})
-        C.save_model(self.critic, self.tokenizer, out / "critic", {"stage": "ppo-critic"})
+        D.export_model(self.actor, self.tokenizer, out / "model", self.dist,
+                       {"stage": "ppo", "config": vars(self.config)})
+        D.export_model(self.critic, self.tokenizer, out / "critic", self.dist, {"stage": "ppo-critic"})

@@ -15,6 +15,7 @@ from torch import Tensor
 
 import rlhf_fast
 from rlhf_fast.pipeline import common as C
+from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.config import RMConfig
 from rlhf_fast.pipeline.data import Encoder, load_ranked, pad_right
 
@@ -34,6 +35,7 @@ def encode_ranked(encoder: Encoder, rows: list[dict]):
 def score_answers(model, prompts: list[list[int]], answers: list[list[list[int]]], packing: str, pad_id: int,
                   device) -> Tensor:
     """(A,) fp32 rewards of every answer (group by group) read at its last token."""
+    model = D.unwrap_peft(model)  # a LoRA reward model: the transformers model with its adapters inside
     head = C.scalar_head(model)
     if packing == "shared_prefix":
         from rlhf_fast.integrations.transformers import shared_prefix_forward
@@ -67,12 +69,22 @@ def ranking_batch_loss(model, batch, packing: str, pad_id: int, device):
     return loss, stats, rewards
 
 
+def prompts_with_pairs(batch) -> int:
+    """Prompts of a batch that have at least one ranked pair (the ones ranking_loss averages over)."""
+    return sum(1 for b in batch if len(set(b[2][: len(b[1])])) > 1)
+
+
 class RewardTrainer:
     """Trains a reward model on ranked answers.
 
     ``RewardTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "responses", "ranking"}, ...])``;
     ``model`` defaults to ``config.model`` (the SFT model) loaded with ``AutoModelForSequenceClassification``
     (``num_labels=1``: the network with a scalar head ``score``), ``train_data`` to ``config.data``.
+
+    Under torchrun each rank scores rows ``r::world_size`` of the global batch of prompts; ranking_loss
+    averages over the prompts it is given, so each micro-batch's loss is weighted by its share of the
+    global batch's prompts (those with a ranked pair): the sum over ranks and micro-batches is the loss
+    of the global batch.
     """
 
     def __init__(self, config: RMConfig, *, model=None, tokenizer=None, train_data: list[dict] | None = None,
@@ -80,7 +92,8 @@ class RewardTrainer:
         if config.packing not in PACKINGS:
             raise ValueError(f"packing: expected one of {PACKINGS}, got {config.packing!r}")
         self.config = config
-        self.device = C.resolve_device(config.device)
+        self.dist = D.setup(config.distributed, config.device, config.precision)
+        self.device = self.dist.device
         if tokenizer is None:
             if not config.model:
                 raise ValueError("model: give RMConfig.model (the SFT model's path) or pass model= and tokenizer=")
@@ -88,11 +101,13 @@ class RewardTrainer:
         if model is None:
             if not config.model:
                 raise ValueError("model: give RMConfig.model (the SFT model's path) or pass model=")
-            model = C.load_scalar_model(config.model, config.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
-        self.model, self.tokenizer = model.to(self.device), tokenizer
+            model = C.load_scalar_model(config.model, config.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
+                                        seed=config.seed)
         self.packing = config.packing
         if self.packing == "shared_prefix" and getattr(model.config, "_attn_implementation", None) != C.ATTN:
             self.packing = "padded"  # the model cannot run rlhf_fast attention: padded batches
+        self.model, self.tokenizer = D.prepare(model, config, self.dist, "SEQ_CLS"), tokenizer
+        self.engine = D.Engine(self.model, self.dist)
         if train_data is None:
             if not config.data:
                 raise ValueError("data: give RMConfig.data (a ranked JSONL file) or pass train_data=")
@@ -103,10 +118,11 @@ class RewardTrainer:
         self.eval_rows = encode_ranked(self.encoder, eval_data) if eval_data else []
         self.progress = progress
         self.steps_per_epoch = max(1, len(self.train_rows) // config.batch_size)
+        D.check_batch("batch_size", min(config.batch_size, len(self.train_rows)), self.dist, config.grad_accum)
         total = self.steps_per_epoch * config.epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(self.engine.trainable_parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            C.lr_lambda(config.warmup_steps, self.total_steps))
         self.step_count = 0
@@ -116,36 +132,54 @@ class RewardTrainer:
         g = torch.Generator().manual_seed(C.step_seed(self.config.seed, epoch))
         order = torch.randperm(len(self.train_rows), generator=g)
         idx = order[i * self.config.batch_size: (i + 1) * self.config.batch_size].tolist()
-        return [self.train_rows[j] for j in idx]
+        return [self.train_rows[j] for j in D.shard(idx, self.dist)]
 
     def step(self, batch) -> dict:
-        """One optimizer step on `batch` (list of (prompt ids, [answer ids], ranks))."""
+        """One optimizer step on `batch` (this rank's share of the global batch: a list of (prompt ids,
+        [answer ids], ranks)) in ``grad_accum`` micro-batches."""
         self.model.train()
-        loss, stats, _ = ranking_batch_loss(self.model, batch, self.packing, self.tokenizer.pad_token_id, self.device)
+        (n_prompts,) = self.dist.sum(prompts_with_pairs(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = C.clip_grad(self.model.parameters(), self.config.max_grad_norm)
+        micro = D.micro_splits(len(batch), self.config.grad_accum)
+        st = D.Stats()
+        for j, sl in enumerate(micro):
+            mb = batch[sl]
+            with self.engine.sync(j == len(micro) - 1):
+                loss, stats, _ = self.engine(ranking_batch_loss, mb, self.packing, self.tokenizer.pad_token_id,
+                                             self.device)
+                share = prompts_with_pairs(mb) / max(1.0, n_prompts)  # 1.0 for one whole batch
+                part = loss * share if share != 1.0 else loss
+                self.engine.backward(part)
+            pairs = int(stats.num_pairs)
+            st.total("loss", part.detach())
+            st.total("pairs", pairs)
+            st.add("accuracy", stats.accuracy, pairs)
+            st.add("margin", stats.mean_margin, pairs)
+        gnorm = C.clip_grad(self.engine.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return {"loss": float(loss.detach()), "accuracy": float(stats.accuracy), "pairs": int(stats.num_pairs),
-                "margin": float(stats.mean_margin), "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0]}
+        out = st.reduce(self.dist)
+        return {"loss": out["loss"], "accuracy": out["accuracy"], "pairs": int(out["pairs"]),
+                "margin": out["margin"], "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0]}
 
-    @torch.no_grad()
     def evaluate(self, rows=None, batch_size: int = 32) -> dict:
-        """Loss and pairwise accuracy against the given rankings."""
+        """Loss and pairwise accuracy against the given rankings (every rank evaluates all `rows`)."""
         rows = self.eval_rows if rows is None else rows
         if not rows:
             return {}
-        self.model.eval()
+        return self.engine.no_grad(self._evaluate, rows, batch_size)
+
+    def _evaluate(self, model, rows, batch_size: int) -> dict:
+        model.eval()
         tot_loss, correct, pairs = 0.0, 0.0, 0
         for i in range(0, len(rows), batch_size):
             b = rows[i: i + batch_size]
-            loss, stats, _ = ranking_batch_loss(self.model, b, self.packing, self.tokenizer.pad_token_id, self.device)
+            loss, stats, _ = ranking_batch_loss(model, b, self.packing, self.tokenizer.pad_token_id, self.device)
             tot_loss += float(loss) * len(b)
             correct += float(stats.accuracy) * int(stats.num_pairs)
             pairs += int(stats.num_pairs)
-        self.model.train()
+        model.train()
         return {"eval_loss": tot_loss / len(rows), "eval_accuracy": correct / max(1, pairs)}
 
     def _ckpt(self):
@@ -155,7 +189,7 @@ class RewardTrainer:
         cfg = self.config
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        log = C.MetricsLog(out, "rm")
+        log = C.MetricsLog(out, "rm", enabled=self.dist.is_main)
         train_time = C.run_steps(self, out, log, "reward model", ("loss", "accuracy"))
         result = {"steps": self.step_count, "train_time_s": train_time, "packing": self.packing}
         ev = self.evaluate()
@@ -164,8 +198,9 @@ class RewardTrainer:
             log.log(self.step_count, **ev)
         log.close()
         self.save(out / "model")
-        C.save_checkpoint(out, *self._ckpt(), {"step": self.step_count, "done": True})
+        D.save_checkpoint(self.dist, out, *self._ckpt(), {"step": self.step_count, "done": True})
         return result
 
     def save(self, path) -> None:
-        C.save_model(self.model, self.tokenizer, path, {"stage": "rm", "config": vars(self.config)})
+        """The Hugging Face export (rank 0 writes; LoRA merged; a collective under FSDP)."""
+        D.export_model(self.model, self.tokenizer, path, self.dist, {"stage": "rm", "config": vars(self.config)})

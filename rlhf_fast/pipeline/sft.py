@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.pipeline import common as C
+from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.config import SFTConfig
 from rlhf_fast.pipeline.data import Encoder, LMBatch, lm_batch, load_sft
 
@@ -54,19 +55,26 @@ class SFTTrainer:
     ``SFTTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "response"}, ...]).train()``;
     without ``train_data`` the examples come from ``config.data`` (JSONL). ``model`` / ``tokenizer``
     default to ``config.model`` loaded with ``AutoModelForCausalLM``.
+
+    Under torchrun (``config.distributed`` "ddp" / "fsdp") every rank builds the trainer with the same
+    arguments; each step's global batch of ``batch_size`` examples is drawn as in one process and rank r
+    trains on rows ``r::world_size`` of it, in ``grad_accum`` micro-batches, each normalised by the
+    global batch's response-token count.
     """
 
     def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_data: list[dict] | None = None,
                  eval_data: list[dict] | None = None, progress: bool = True):
         self.config = config
-        self.device = C.resolve_device(config.device)
+        self.dist = D.setup(config.distributed, config.device, config.precision)
+        self.device = self.dist.device
         if model is None:
             if not config.model:
                 raise ValueError("model: give SFTConfig.model (a path or hub id) or pass model=")
             model = C.load_causal_lm(config.model, config.trust_remote_code)
         if tokenizer is None:
             tokenizer = C.load_tokenizer(config.model, config.trust_remote_code)
-        self.model = model.to(self.device)
+        self.model = D.prepare(model, config, self.dist, "CAUSAL_LM")
+        self.engine = D.Engine(self.model, self.dist)
         self.tokenizer = tokenizer
         if train_data is None:
             if not config.data:
@@ -77,35 +85,46 @@ class SFTTrainer:
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
         self.progress = progress
         self.steps_per_epoch = max(1, len(train_data) // config.batch_size)
+        D.check_batch("batch_size", min(config.batch_size, len(train_data)), self.dist, config.grad_accum)
         total = self.steps_per_epoch * config.epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(self.engine.trainable_parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            C.lr_lambda(config.warmup_steps, self.total_steps))
         self.step_count = 0
 
     def batch_at(self, step: int) -> LMBatch:
-        """The batch of optimizer step `step`: a permutation per epoch seeded by (seed, epoch)."""
+        """This rank's share of the global batch of optimizer step `step` (a permutation per epoch seeded by
+        (seed, epoch), so the global batch depends on the step only; one process: the whole batch)."""
         epoch, i = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(C.step_seed(self.config.seed, epoch))
         order = torch.randperm(len(self.train_data), generator=g)
         idx = order[i * self.config.batch_size: (i + 1) * self.config.batch_size].tolist()
-        return encode_lm(self.encoder, [self.train_data[j] for j in idx])
+        return encode_lm(self.encoder, [self.train_data[j] for j in D.shard(idx, self.dist)])
 
     def step(self, batch: LMBatch) -> dict:
-        """One optimizer step on `batch`; returns the loss (mean NLL per response token) and grad norm."""
+        """One optimizer step on `batch` (this rank's share of the global batch) in ``grad_accum``
+        micro-batches; returns the loss (mean NLL per response token of the global batch), grad norm,
+        learning rate and the global batch's response tokens."""
         self.model.train()
         batch = batch.to(self.device)
-        loss = sft_loss(self.model, batch)
+        (n_tokens,) = self.dist.sum(batch.num_tokens)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = C.clip_grad(self.model.parameters(), self.config.max_grad_norm)
+        micro = D.micro_splits(len(batch), self.config.grad_accum)
+        loss_sum = 0.0
+        for j, sl in enumerate(micro):
+            with self.engine.sync(j == len(micro) - 1):
+                loss = self.engine(sft_loss, batch.rows(sl) if len(micro) > 1 else batch, int(n_tokens))
+                self.engine.backward(loss)
+            loss_sum += float(loss.detach())
+        gnorm = C.clip_grad(self.engine.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return {"loss": float(loss.detach()), "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
-                "tokens": batch.num_tokens}
+        (loss_total,) = self.dist.sum(loss_sum)
+        return {"loss": loss_total, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
+                "tokens": int(n_tokens)}
 
     def _ckpt(self):
         return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
@@ -114,16 +133,17 @@ class SFTTrainer:
         cfg = self.config
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        log = C.MetricsLog(out, "sft")
+        log = C.MetricsLog(out, "sft", enabled=self.dist.is_main)
         train_time = C.run_steps(self, out, log, "sft", ("loss",))
         result = {"steps": self.step_count, "train_time_s": train_time}
-        if self.eval_data:
-            result["eval_loss"] = eval_nll(self.model, self.encoder, self.eval_data, self.device)
+        if self.eval_data:  # every rank evaluates the (small) held-out set: the same number everywhere
+            result["eval_loss"] = self.engine.no_grad(eval_nll, self.encoder, self.eval_data, self.device)
             log.log(self.step_count, eval_loss=result["eval_loss"])
         log.close()
         self.save(out / "model")
-        C.save_checkpoint(out, *self._ckpt(), {"step": self.step_count, "done": True})
+        D.save_checkpoint(self.dist, out, *self._ckpt(), {"step": self.step_count, "done": True})
         return result
 
     def save(self, path) -> None:
-        C.save_model(self.model, self.tokenizer, path, {"stage": "sft", "config": vars(self.config)})
+        """The Hugging Face export (rank 0 writes; LoRA merged; a collective under FSDP)."""
+        D.export_model(self.model, self.tokenizer, path, self.dist, {"stage": "sft", "config": vars(self.config)})

@@ -1,6 +1,6 @@
 """rlhf_fast: fused RLHF ops (Triton, CUDA, native CPU) behind one function each."""
 
-from rlhf_fast._native import cpu_capability, cpu_gemm_engine, has_native
+from rlhf_fast._native import cpu_capability, cpu_gemm_engine, has_native, release_cpu_buffers
 from rlhf_fast.backends import BACKENDS, backends_available, select_backend
 from rlhf_fast.ops import (
     RankingStats,
@@ -39,6 +39,7 @@ __all__ = [
     "pairwise_loss",
     "ppo_policy_loss",
     "ranking_loss",
+    "release_cpu_buffers",
     "select_backend",
     "shared_prefix_attention",
     "shared_prefix_layout",

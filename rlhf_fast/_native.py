@@ -42,3 +42,10 @@ def cpu_gemm_engine() -> str | None:
     """Engine of the fp32 GEMMs in the CPU tiled ops (linear_logprobs, linear_ppo_loss): "onednn"
     or "blas" (ATen's addmm), chosen by RLHF_FAST_CPU_GEMM when set; None without _C."""
     return torch.ops.rlhf_fast_C.cpu_gemm_engine() if NATIVE_ERROR is None else None
+
+
+def release_cpu_buffers() -> int:
+    """Frees the idle large CPU buffers (>= 2 MB) that rlhf_fast's native CPU kernels keep for reuse
+    between calls (at most RLHF_FAST_CPU_BUFFER_CACHE_MB, default 1024; 0 disables the cache).
+    Returns the bytes released; 0 without _C."""
+    return int(torch.ops.rlhf_fast_C.release_cpu_buffers()) if NATIVE_ERROR is None else 0

@@ -4,8 +4,15 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <rlhf_fast/checks.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -14,21 +21,112 @@ namespace rlhf_fast::cpu {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kMinBytes = size_t{4} << 20;
+constexpr size_t kMinBytes = size_t{2} << 20;
 
-void free_buffer(void* p) { std::free(p); }
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+size_t cache_capacity() {
+  const char* env = std::getenv("RLHF_FAST_CPU_BUFFER_CACHE_MB");
+  if (env == nullptr || *env == '\0') return size_t{1024} << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  RLHF_FAST_CHECK(end != env && *end == '\0' && mb >= 0,
+                  "RLHF_FAST_CPU_BUFFER_CACHE_MB: expected an integer >= 0 (MB), got '", env, "'");
+  return size_t(mb) << 20;
+}
+
+// Idle buffers, oldest first. Never destroyed: tensors may outlive static destruction.
+class Cache {
+ public:
+  Cache() : capacity_(cache_capacity()) {}
+
+  // A cached buffer of at least `bytes` and at most 25% more (the smallest such), or nullptr.
+  Block* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto best = idle_.end();
+    for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+      if ((*it)->bytes >= bytes && (*it)->bytes <= bytes + bytes / 4 &&
+          (best == idle_.end() || (*it)->bytes < (*best)->bytes)) {
+        best = it;
+      }
+    }
+    if (best == idle_.end()) return nullptr;
+    Block* b = *best;
+    idle_.erase(best);
+    idle_bytes_ -= b->bytes;
+    return b;
+  }
+
+  void give_back(Block* b) {
+    std::deque<Block*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (b->bytes <= capacity_) {
+        idle_.push_back(b);
+        idle_bytes_ += b->bytes;
+        b = nullptr;
+        while (idle_bytes_ > capacity_) {
+          evicted.push_back(idle_.front());
+          idle_bytes_ -= idle_.front()->bytes;
+          idle_.pop_front();
+        }
+      }
+    }
+    if (b != nullptr) evicted.push_back(b);
+    for (Block* e : evicted) destroy(e);
+  }
+
+  int64_t release_all() {
+    std::deque<Block*> all;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      all.swap(idle_);
+      idle_bytes_ = 0;
+    }
+    int64_t freed = 0;
+    for (Block* e : all) {
+      freed += int64_t(e->bytes);
+      destroy(e);
+    }
+    return freed;
+  }
+
+  static void destroy(Block* b) {
+    std::free(b->ptr);
+    delete b;
+  }
+
+ private:
+  std::mutex mu_;
+  std::deque<Block*> idle_;
+  size_t idle_bytes_ = 0;
+  const size_t capacity_;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();
+  return *c;
+}
+
+void release_block(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
 
 struct HugePageAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const size_t bytes = (n + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = std::aligned_alloc(kHugePage, bytes);
-    TORCH_CHECK(p != nullptr, "rlhf_fast: out of memory allocating ", n, " bytes");
+    Block* b = cache().take(bytes);
+    if (b == nullptr) {
+      void* p = std::aligned_alloc(kHugePage, bytes);
+      TORCH_CHECK(p != nullptr, "rlhf_fast: out of memory allocating ", n, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, bytes, MADV_HUGEPAGE);  // advice only: ignore failure
+      madvise(p, bytes, MADV_HUGEPAGE);  // advice only: ignore failure
 #endif
-    return {p, p, &free_buffer, c10::Device(c10::DeviceType::CPU)};
+      b = new Block{p, bytes};
+    }
+    return {b->ptr, b, &release_block, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &free_buffer; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
@@ -47,4 +145,11 @@ at::Tensor empty_hugepage(at::IntArrayRef sizes, at::ScalarType dtype) {
                                    c10::MemoryFormat::Contiguous);
 }
 
+int64_t release_cached_buffers() { return cache().release_all(); }
+
 }  // namespace rlhf_fast::cpu
+
+TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
+  // frees the idle large CPU buffers rlhf_fast keeps for reuse; returns the bytes released
+  m.def("release_cpu_buffers() -> int", [] { return rlhf_fast::cpu::release_cached_buffers(); });
+}

@@ -1,8 +1,8 @@
 """Scale-out: the pipeline's trainers under real ``torchrun --nproc_per_node=2`` (gloo, CPU) against one
 process, gradient accumulation, FSDP2 sharded checkpoints and the gathered export, LoRA.
 
-Two torchrun launches (module fixtures) run this file as a worker script: ``ddp`` (SFT, RM, PPO, a LoRA
-PPO iteration and the CLI) and ``fsdp`` (SFT with grad_accum=2 and activation checkpointing, a
+Two torchrun launches (module fixtures) run this file as a worker script: ``ddp`` (SFT, RM with
+grad_accum=2, PPO, a LoRA PPO iteration and the CLI) and ``fsdp (SFT with grad_accum=2 and activation checkpointing, a
 killed-and-resumed SFT run, RM, PPO). The tests compare what the ranks wrote with world-size-1 runs of the
 same global batches in the pytest process.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,8 @@ def ddp_run(tmp_path_factory):
 def fsdp_run(tmp_path_factory):
     out = prepare(tmp_path_factory.mktemp("fsdp"))
     torchrun("fsdp", out)
+    proc = subprocess.run([sys.executable, __file__, "fsdp1", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"fsdp1 failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return out
 
 
@@ -219,6 +222,9 @@ def test_fsdp_sharded_checkpoint_resume_and_export(fsdp_run):
     assert max(float((resumed[k] - full[k]).abs().max()) for k in full) <= 1e-6
     steps = [r["step"] for r in C.read_metrics(fsdp_run / "sft_killed" / "metrics.jsonl")]
     assert steps == [1, 2, 3]
+    # the same shards resumed by one process (an FSDP group of one, no torchrun): DCP reshards them
+    w1 = load_file(str(fsdp_run / "sft_w1_params.safetensors"))
+    assert max(float((w1[k] - full[k]).abs().max()) for k in full) <= PARAM_ATOL
     # the gathered export loads with plain transformers and holds the trained weights
     model = AutoModelForCausalLM.from_pretrained(fsdp_run / "sft" / "model")
     for k, v in model.state_dict().items():
@@ -231,14 +237,14 @@ def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_ppo_world_size_2_whitens_with_global_statistics(mode, ddp_run, fsdp_run):
+def test_ppo_world_size_2_whitens_with_global_statistics(mode, request):
     """One PPO iteration on 2 ranks completes; the advantages each rank whitened with all-reduced
     statistics are what rlhf_fast.gae(whiten=True) gives on one process for all ranks' rollouts."""
     from safetensors.torch import load_file
 
     import rlhf_fast
 
-    root = ddp_run if mode == "ddp" else fsdp_run
+    root = request.getfixturevalue(f"{mode}_run")
     rows = [json.loads(x) for x in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and all(v == v for v in rows[0].values() if isinstance(v, float))
     parts = [load_file(str(root / f"rollout_rank{r}.safetensors")) for r in (0, 1)]
@@ -356,8 +362,9 @@ def _ppo_rollout_dump(tr: PPOTrainer, out: Path) -> None:
     save_file(kept, str(out / f"rollout_rank{tr.dist.rank}.safetensors"))
 
 
-def killed_and_resumed_sft(out: Path, **kw):
-    """An SFT run killed after its checkpoint of step 2, then resumed (from a model with other weights)."""
+def killed_and_resumed_sft(out: Path, keep: Path | None = None, **kw):
+    """An SFT run killed after its checkpoint of step 2 (copied to `keep`), then resumed (from a model with
+    other weights)."""
     tok = build_tokenizer()
     cfg = SFTConfig(output_dir=str(out), batch_size=8, epochs=1, lr=1e-2, warmup_steps=1, device="cpu",
                     eval_fraction=0.0, log_every=1, checkpoint_every=2, **kw)
@@ -371,6 +378,9 @@ def killed_and_resumed_sft(out: Path, **kw):
     tr.step = dying
     with pytest.raises(Killed):
         tr.train()
+    if keep is not None and tr.dist.is_main:
+        shutil.copytree(out / "checkpoint", keep / "checkpoint")
+    tr.dist.barrier()
     cfg.resume = True
     tr = SFTTrainer(cfg, model=tiny(tok, seed=5), tokenizer=tok, train_data=sft_data(), progress=False)
     tr.train()
@@ -382,7 +392,7 @@ def worker(mode: str, out: Path) -> None:
     if mode == "ddp":
         tr = run_sft(out / "sft", distributed="ddp")
         dump_params(tr.model, tr.dist, out / "sft_params.safetensors")
-        tr = run_rm(out / "rm", base, distributed="ddp")
+        tr = run_rm(out / "rm", base, distributed="ddp", grad_accum=2)
         dump_params(tr.model, tr.dist, out / "rm_params.safetensors")
         _ppo_rollout_dump(make_ppo(out / "ppo", base, distributed="ddp"), out)
         make_ppo(out / "ppo_lora", base, distributed="ddp", lora_r=4, lora_alpha=8).train()
@@ -395,11 +405,20 @@ def worker(mode: str, out: Path) -> None:
     elif mode == "fsdp":
         tr = run_sft(out / "sft", distributed="fsdp", grad_accum=2, gradient_checkpointing=True)
         dump_params(tr.model, tr.dist, out / "sft_params.safetensors")
-        tr = killed_and_resumed_sft(out / "sft_killed", distributed="fsdp", grad_accum=2)
+        tr = killed_and_resumed_sft(out / "sft_killed", out / "sft_w1", distributed="fsdp", grad_accum=2)
         dump_params(tr.model, tr.dist, out / "sft_resumed_params.safetensors")
         tr = run_rm(out / "rm", base, distributed="fsdp")
         dump_params(tr.model, tr.dist, out / "rm_params.safetensors")
         _ppo_rollout_dump(make_ppo(out / "ppo", base, distributed="fsdp"), out)
+    elif mode == "fsdp1":  # no torchrun: a one-process FSDP group resumes the 2-rank shards of step 2
+        tok = build_tokenizer()
+        cfg = SFTConfig(output_dir=str(out / "sft_w1"), batch_size=8, epochs=1, lr=1e-2, warmup_steps=1,
+                        device="cpu", eval_fraction=0.0, log_every=1, checkpoint_every=2, distributed="fsdp",
+                        resume=True)
+        tr = SFTTrainer(cfg, model=tiny(tok, seed=5), tokenizer=tok, train_data=sft_data(), progress=False)
+        assert tr.dist.world_size == 1
+        tr.train()
+        dump_params(tr.model, tr.dist, out / "sft_w1_params.safetensors")
     D.shutdown()
 
 

@@ -260,6 +260,10 @@ class Stats:
 # Models: DDP / FSDP2 engine, LoRA, gradient checkpointing
 # ---------------------------------------------------------------------------------------------
 
+def _if(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 class _Apply(torch.nn.Module):
     """``forward(fn, *args)`` = ``fn(model, *args)``: the unit DDP and FSDP2 wrap, so that whatever a stage
     computes from the model (log-probs from the lm_head, generation, losses) runs inside the wrapper's
@@ -322,11 +326,14 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: l
     return get_peft_model(model, cfg)
 
 
-def _mp_policy(d: Dist):
+def _mp_policy(d: Dist, root: bool):
+    """bf16 parameters, fp32 gradient reduction on GPU. The root (:class:`_Apply`) does not cast its
+    inputs: they are rollout statistics (old log-probs, advantages, returns) the losses want in fp32."""
     if d.precision == "bf16" and d.device.type == "cuda":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=not root)
     return None
 
 
@@ -354,13 +361,9 @@ class Engine:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(d.device.type, (d.world_size,))
-            kw = {"mesh": mesh}
-            mp = _mp_policy(d)
-            if mp is not None:
-                kw["mp_policy"] = mp
             for layer in decoder_layers(model):
-                fully_shard(layer, **kw)
-            fully_shard(self.module, **kw)
+                fully_shard(layer, mesh=mesh, **_if(mp_policy=_mp_policy(d, root=False)))
+            fully_shard(self.module, mesh=mesh, **_if(mp_policy=_mp_policy(d, root=True)))
         elif d.mode == "ddp" and wants_grad:
             import inspect
 
@@ -380,7 +383,13 @@ class Engine:
     def no_grad(self, fn: Callable, *args, **kwargs):
         with self.dist.autocast():
             if self.dist.mode == "fsdp":
-                return self.wrapped(fn, *args, **kwargs)
+                try:
+                    return self.wrapped(fn, *args, **kwargs)
+                finally:
+                    # the root keeps its weights gathered after a forward (for the backward that usually
+                    # follows); without one, free them, so that an optimizer step or a state dict never
+                    # meets a stale gathered copy
+                    self.wrapped.reshard()
             return fn(self.model, *args, **kwargs)
 
     @contextlib.contextmanager

@@ -321,9 +321,9 @@ class PPOTrainer:
             st.total("policy_loss", pst["policy_loss"])
             for k in ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
                 st.add(k, pst[k], n_here)
-            if n_here > 0:
-                st.low("ratio_min", pst["ratio_min"])
-                st.high("ratio_max", pst["ratio_max"])
+            # (every rank adds every name: the all-reduces of Stats.reduce line up)
+            st.low("ratio_min", pst["ratio_min"] if n_here > 0 else float("inf"))
+            st.high("ratio_max", pst["ratio_max"] if n_here > 0 else float("-inf"))
             st.add("ptx_loss", pst["ptx_loss"], 0 if p is None else p.num_tokens)
         actor_gnorm = C.clip_grad(self.actor_run.trainable_parameters(), cfg.max_grad_norm)
         self.actor_opt.step()

@@ -483,6 +483,17 @@ def export_model(model, tokenizer, path, d: Dist, extra: dict | None = None) -> 
     d.barrier()
 
 
+def _hf_storage():
+    """DCP's safetensors storage (``torch.distributed.checkpoint.hf_storage``), or a readable error."""
+    try:
+        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+    except ImportError as e:
+        raise ValueError(f"distributed='fsdp': sharded checkpoints need torch.distributed.checkpoint's "
+                         f"HuggingFaceStorageWriter (safetensors shards), missing from torch {torch.__version__}"
+                         ) from e
+    return HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+
 def _owner(opt: torch.optim.Optimizer, models: dict) -> torch.nn.Module:
     first = opt.param_groups[0]["params"][0]
     for m in models.values():
@@ -558,8 +569,8 @@ def save_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedule
             C.write_checkpoint_files(tmp, models, optimizers, schedulers, state)
     else:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
+        _, HuggingFaceStorageWriter = _hf_storage()
         flat, groups = _flat_state(models, optimizers)
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
         if d.is_main:
@@ -591,9 +602,9 @@ def load_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedule
     if meta.get("format") != "dcp-safetensors":
         raise ValueError(f"resume: {ck} is a single-file checkpoint; resume it with --distributed none or ddp")
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    HuggingFaceStorageReader, _ = _hf_storage()
     flat, _ = _flat_state(models, optimizers)
     dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ck / SHARDED_DIR)))
     for name, m in models.items():

@@ -8,8 +8,9 @@ same global batches in the pytest process.
 
 Tolerances (fp32): world size 2 and world size 1 differ only in summation order (each rank sums its share
 of the batch, the all-reduce adds the shares; fp32 GEMMs on 1 vs 2 threads). Measured on this CPU over 3
-SFT / RM steps of a tiny Llama: loss curves within ~1e-6 and parameters within ~1e-5 after AdamW (whose
-normalisation magnifies rounding in near-zero gradients); the assertions allow LOSS_ATOL / PARAM_ATOL.
+SFT / RM steps of a tiny Llama (DDP, and FSDP2 with 2 micro-batches): loss curves within 4.2e-7 and
+parameters within 3.1e-5 after AdamW (whose normalisation magnifies rounding in near-zero gradients);
+whitened advantages within 1.2e-7. The assertions allow LOSS_ATOL / PARAM_ATOL / WHITEN_ATOL.
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def test_lora_ppo_holds_one_copy_and_reference_is_the_base_model(tmp_path):
     # bytes held: the two networks once, plus the adapters and the critic's trained copy of the head
     extra = sum(p.numel() * p.element_size() for m in (tr.actor, tr.critic) for n, p in m.named_parameters()
                 if "lora_" in n or "modules_to_save" in n)
-    assert D.all_parameters(modules) == D.all_parameters([base, rm]) + extra
+    assert D.storage_bytes(modules) == D.storage_bytes([base, rm]) + extra
     trainable = sum(p.numel() for p in tr.actor.parameters() if p.requires_grad)
     assert 0 < trainable < 0.2 * sum(p.numel() for p in base.parameters())
 

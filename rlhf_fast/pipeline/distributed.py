@@ -81,14 +81,6 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def sum_tensor(self, t: Tensor) -> Tensor:
-        """All-reduced sum of `t` (a new tensor; `t` itself when there is one process)."""
-        if not (self.active and self.world_size > 1):
-            return t
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
     def autocast(self):
         """bf16 autocast on GPU when the precision is bf16; nothing otherwise."""
         if self.precision == "bf16" and self.device.type == "cuda":
@@ -324,6 +316,18 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: l
     cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
                      task_type=task_type, bias="none")
     return get_peft_model(model, cfg)
+
+
+def prepare(model, cfg, d: Dist, task_type: str = "CAUSAL_LM"):
+    """The trained model of a stage on this rank's device, with the stage's LoRA adapter (``cfg.lora_r``)
+    and activation checkpointing (``cfg.gradient_checkpointing``); wrap it in an :class:`Engine` next."""
+    model = model.to(d.device)
+    if getattr(cfg, "lora_r", 0):
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules, task_type=task_type)
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def _mp_policy(d: Dist, root: bool):
@@ -627,8 +631,9 @@ def load_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedule
     return meta["state"]
 
 
-def all_parameters(models: Iterable[torch.nn.Module]) -> int:
-    """Distinct parameter and buffer storage (bytes) of `models` (what stays in memory)."""
+def storage_bytes(models: Iterable[torch.nn.Module]) -> int:
+    """Bytes of the distinct parameter and buffer storages of `models` (a tensor shared by two models
+    counts once): what the models hold in memory."""
     seen, total = set(), 0
     for m in models:
         for t in list(m.parameters()) + list(m.buffers()):
@@ -639,14 +644,3 @@ def all_parameters(models: Iterable[torch.nn.Module]) -> int:
                 total += t.untyped_storage().nbytes()
     return total
 
-
-def prepare(model, cfg, d: Dist, task_type: str = "CAUSAL_LM"):
-    """The trained model of a stage on this rank's device, with the stage's LoRA adapter (``cfg.lora_r``)
-    and activation checkpointing (``cfg.gradient_checkpointing``); wrap it in an :class:`Engine` next."""
-    model = model.to(d.device)
-    if getattr(cfg, "lora_r", 0):
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules, task_type=task_type)
-    if getattr(cfg, "gradient_checkpointing", False):
-        enable_gradient_checkpointing(model)
-    return model

@@ -193,6 +193,32 @@ def test_ppo_rollout_and_step_match_hand_computed(tok, tmp_path):
     assert st["value_loss"] == pytest.approx(float(vl), rel=1e-4, abs=1e-6)
 
 
+def test_ppo_actor_with_an_lm_head_bias(tok, tmp_path):
+    """An lm_head with a bias (Phi-2, GPT-J): the fused actor loss includes it and trains it."""
+    tr = _ppo(tok, tmp_path, whiten_advantages=False, ptx_coef=0.0, entropy_coef=0.0, lr=1e-2)
+    head = tr.actor.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.randn(head.out_features, generator=torch.Generator().manual_seed(3)))
+    tr.actor.lm_head = biased
+    tr.actor_opt = torch.optim.AdamW(tr.actor.parameters(), lr=1e-2)
+    ro = tr.rollout(0)
+    s = ro["samples"]
+    with torch.no_grad():
+        attn = s.attention_mask
+        logits = tr.actor(input_ids=s.input_ids, attention_mask=attn,
+                          position_ids=C.position_ids_from_mask(attn)).logits[:, :-1]
+        lp = F.log_softmax(logits.float(), -1).gather(-1, s.input_ids[:, 1:, None])[..., 0]
+        ratio = torch.exp(lp - ro["old_lp"])
+        pg = torch.maximum(-ro["adv"] * ratio, -ro["adv"] * ratio.clamp(0.8, 1.2))
+        expected = (pg * s.response_mask).sum() / s.response_mask.sum()
+    bias_before = biased.bias.detach().clone()
+    st = tr.update_minibatch(ro, torch.arange(len(s.responses)), None)
+    assert st["loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+    assert not torch.equal(biased.bias.detach(), bias_before)  # the bias got a gradient and moved
+
+
 class Killed(Exception):
     pass
 

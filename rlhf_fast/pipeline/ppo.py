@@ -137,9 +137,6 @@ class PPOTrainer:
             raise ValueError(f"prompts_per_iteration: {cfg.prompts_per_iteration} is not a multiple of the world "
                              f"size {d.world_size} (every rank generates for the same number of prompts)")
         self.tokenizer = tokenizer
-        weight, bias = C.lm_head_params(policy)
-        if bias is not None:
-            raise ValueError("policy: an lm_head with a bias is not supported by linear_ppo_loss")
         policy = policy.to(self.device)
         reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         if cfg.lora_r:
@@ -276,7 +273,7 @@ class PPOTrainer:
         s: Samples = ro["samples"]
         ids, attn = s.input_ids[rows], s.attention_mask[rows]
         mask, labels = s.response_mask[rows], s.labels[rows]
-        weight, _ = C.lm_head_params(model)
+        weight, bias = C.lm_head_params(model)
         hidden = C.hidden_states(model, ids, attn)[:, :-1]
         ptx_hidden = ptx_labels = None
         if ptx is not None:
@@ -286,7 +283,8 @@ class PPOTrainer:
             hidden, weight, labels.clamp_min(0), ro["old_lp"][rows], ro["adv"][rows], mask,
             ref_logprobs=ro["ref_lp"][rows], kl_coef=0.0, entropy_coef=cfg.entropy_coef, clip_eps=cfg.clip_eps,
             num_items=num_items, ptx_hidden=ptx_hidden, ptx_labels=ptx_labels,
-            ptx_coef=ptx_coef if ptx is not None else 0.0, temperature=cfg.temperature, ignore_index=IGNORE)
+            ptx_coef=ptx_coef if ptx is not None else 0.0, temperature=cfg.temperature, ignore_index=IGNORE,
+            bias=bias)
 
     def _critic_loss(self, model, ro: dict, rows: Tensor, num_items: int):
         s: Samples = ro["samples"]

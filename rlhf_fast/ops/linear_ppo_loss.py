@@ -5,14 +5,22 @@ the forward, without materializing the logits.
 
 Flow: public function (validates, builds per-row weights from the aggregation) -> custom op
 ``rlhf_fast::linear_ppo_loss`` (returns the loss, statistics sums and the gradients; its registered
-backward only scales those gradients by the upstream gradient) -> backend: torch (composition of the
-references, materializes the logits), cpu (csrc/cpu/linear_ppo_loss.cpp).
+backward only scales those gradients by the upstream gradient) -> backend:
+  torch   composition of the references; materializes the (N, V) logits (the eager baseline)
+  cpu     csrc/cpu/linear_ppo_loss.cpp     } the tiled host algorithm of
+  cuda    csrc/cuda/linear_ppo_loss.cu     } csrc/include/rlhf_fast/linear_ppo_loss_tiled.h
+  triton  kernels/linear_ppo_loss.py: the Triton kernels of linear_logprobs (forward, then backward
+          with the per-token gradients), the loss step in PyTorch element-wise ops
 
-Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu
-kernel processes rows in blocks spanning the vocabulary (one (rows x V) fp32 buffer, 16 MB by
-default): one GEMM for the logits, the fold, the per-token loss and gradient, then two GEMMs into
-grad_hidden and grad_weight — 3 GEMMs per token instead of the 4 of linear_logprobs (forward +
-backward, which must recompute the logits) followed by the separate losses.
+Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu and
+cuda backends process rows in blocks spanning the vocabulary (one (rows x V) fp32 buffer, at most
+64 MB, see TILE_ELEMS): per vocabulary chunk one GEMM for the logits and the fold; the per-token
+loss and gradient; then per chunk the gradient transform and two GEMMs into grad_hidden and
+grad_weight — 3 GEMMs per token instead of the 4 of linear_logprobs (forward + backward, which must
+recompute the logits) followed by the separate losses. The triton backend keeps no logits between
+its forward and backward kernels, so it pays those 4 GEMM passes (its fused GEMM + softmax kernels
+hold a tile's logits in registers only); a 3-pass Triton kernel is future work. Rows whose label is
+ignored or whose weight is 0 (prompt and padding tokens) are skipped by every pass.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ OP = op_registry("linear_ppo_loss")
 # small fraction of eager's (N, V) tensors at any size). Fewer, taller blocks stream the weight
 # fewer times: at N=2048, V=32768 blocks of 512 rows are ~10% faster than blocks of 128.
 TILE_ELEMS = 1 << 24
-# The sums the backends return, in order (csrc/cpu/linear_ppo_loss.cpp: enum Sum).
+# The sums the backends return, in order (csrc/include/rlhf_fast/linear_ppo_loss_tiled.h: enum Sum).
 SUMS = ("loss", "count", "clipped", "dual_clipped", "k3", "ratio", "ratio_min", "ratio_max", "policy_loss", "kl",
         "entropy", "ptx_nll", "ptx_count")
 STATS = ("policy_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "kl",
@@ -95,8 +103,28 @@ def _native_forward(*args):
     return torch.ops.rlhf_fast_C.linear_ppo_loss_fwd(*args)
 
 
+def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator,
+                    entropy_coef, clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows):
+    from rlhf_fast.kernels import linear_ppo_loss as K
+
+    V.check_label_range(labels, weight.shape[0], ignore_index)
+    return K.linear_ppo_loss_fwd(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef,
+                                 kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, temperature,
+                                 ignore_index, compute_grad)
+
+
+def _triton_limits(rows, weight, *rest) -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("rlhf_fast.kernels.linear_ppo_loss") is None:
+        return ["the Triton kernels of linear_ppo_loss are not available in this build"]
+    return []
+
+
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
+OP.register("cuda", _native_forward)
+OP.register("triton", _triton_forward, limits=_triton_limits)
 
 
 # ---------------------------------------------------------------------------------------------

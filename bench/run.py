@@ -124,8 +124,9 @@ def derived(module, case, mode: str, median_ms: float, floor_bw: float) -> dict:
         if cost.tensor_flops:
             out["TFLOP/s"] = round(cost.tensor_flops / seconds / 1e12, 3)
         else:
-            out["GB/s"] = round(cost.bytes / seconds / 1e9, 2)
-            out["floor_%"] = round(100 * cost.bytes / seconds / floor_bw, 1)
+            # 3 significant digits: overhead-bound cases run at a small fraction of a GB/s
+            out["GB/s"] = float(f"{cost.bytes / seconds / 1e9:.3g}")
+            out["floor_%"] = float(f"{100 * cost.bytes / seconds / floor_bw:.3g}")
         out["model_bytes"] = int(cost.bytes)
         out["model_flops"] = int(cost.total_flops)
     if hasattr(module, "derived"):

@@ -1,7 +1,7 @@
 """Peak transient memory of one benchmark case, measured in a fresh process.
 
 CPU: the process builds the case's inputs, runs it once to warm up (allocator, torch.compile), frees
-what it can (gc + malloc_trim), resets the kernel's peak-RSS counter (/proc/self/clear_refs = 5),
+what it can (gc, rlhf_fast.release_cpu_buffers, malloc_trim), resets the kernel's peak-RSS counter (/proc/self/clear_refs = 5),
 runs the case once more and reports VmHWM - VmRSS(before) - the bytes of the gradients the case
 must return (every method fills the same gradient buffers). GPU: torch.cuda peak allocated, same
 rule.
@@ -32,6 +32,12 @@ def _status_kb(field: str) -> int:
 
 def _trim():
     gc.collect()
+    try:  # rlhf_fast's idle cached CPU buffers would otherwise count as the baseline, hiding their use
+        import rlhf_fast
+
+        rlhf_fast.release_cpu_buffers()
+    except ImportError:
+        pass
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:

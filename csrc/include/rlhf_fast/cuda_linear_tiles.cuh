@@ -12,10 +12,6 @@
 // per-row arrays (labels, m, s, t, z_label, lse, g_lp, g_ent, entropy) are device pointers offset
 // to the tile's first row; only rows that take part are in a tile. An out-of-range label is never
 // picked, so it reads nothing out of bounds. The cost of both passes is in csrc/cuda/linear_logprobs.cu.
-//
-// These are the kernels of csrc/cuda/linear_logprobs.cu, which still holds its own copy in an
-// anonymous namespace (no clash: that copy has internal linkage); it is meant to include this
-// header instead.
 #pragma once
 
 #include <ATen/ATen.h>

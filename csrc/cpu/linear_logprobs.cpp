@@ -5,25 +5,10 @@
 
 #include <rlhf_fast/linear_logprobs_tiled.h>
 
-#include "gemm.h"
-#include "kernels/linear_logprobs.h"
+#include "linear_tiles.h"
 
 namespace rlhf_fast::cpu {
 namespace {
-
-struct CpuTiles {
-  static void matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta) {
-    matmul_into(out, a, b, beta);
-  }
-  static void fold(at::Tensor& tile, const int64_t* labels, int64_t c0, float softcap, float inv_temp, float* m,
-                   float* s, float* t, float* z_label, bool with_entropy) {
-    linear_fold_tile_stub()()(tile, labels, c0, softcap, inv_temp, m, s, t, z_label, with_entropy);
-  }
-  static void grad(at::Tensor& tile, const int64_t* labels, int64_t c0, float softcap, float inv_temp,
-                   const float* lse, const float* g_lp, const float* g_ent, const float* entropy) {
-    linear_grad_tile_stub()()(tile, labels, c0, softcap, inv_temp, lse, g_lp, g_ent, entropy);
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,

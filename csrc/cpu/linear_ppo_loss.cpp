@@ -17,30 +17,19 @@
 
 #include <rlhf_fast/linear_ppo_loss_tiled.h>
 
-#include "gemm.h"
 #include "hugepage_alloc.h"
-#include "kernels/linear_logprobs.h"
+#include "linear_tiles.h"
 
 namespace rlhf_fast::cpu {
 namespace {
 
-struct CpuPpoTiles {
+// linear_logprobs' CpuTiles (matmul, fold, grad) plus the buffers and the per-row step.
+struct CpuPpoTiles : CpuTiles {
   // Vocabulary rows per GEMM.
   static constexpr int64_t kChunk = 2048;
 
   static at::Tensor empty_f32(at::IntArrayRef sizes, const at::Tensor& /*like: CPU*/) {
     return empty_hugepage(sizes, at::kFloat);
-  }
-  static void matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta) {
-    matmul_into(out, a, b, beta);
-  }
-  static void fold(at::Tensor& tile, const int64_t* labels, int64_t c0, float softcap, float inv_temp, float* m,
-                   float* s, float* t, float* z_label, bool with_entropy) {
-    linear_fold_tile_stub()()(tile, labels, c0, softcap, inv_temp, m, s, t, z_label, with_entropy);
-  }
-  static void grad(at::Tensor& tile, const int64_t* labels, int64_t c0, float softcap, float inv_temp,
-                   const float* lse, const float* g_lp, const float* g_ent, const float* entropy) {
-    linear_grad_tile_stub()()(tile, labels, c0, softcap, inv_temp, lse, g_lp, g_ent, entropy);
   }
   static void rows(const linear_ppo::BlockRows& block, const linear_ppo::RowParams& params, int64_t kl_estimator,
                    double* sums) {

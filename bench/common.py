@@ -325,19 +325,24 @@ def time_fn(t: Timed, device: str, **kw) -> Timing:
     return time_cuda(t, **kw) if device == "cuda" else time_cpu(t, **kw)
 
 
-def cuda_peak_bytes(t: Timed) -> int:
-    """Peak bytes torch allocates on the GPU during one timed run above what was allocated before it."""
-    _clear(t.grad_to_none)
-    if t.setup is not None:
-        t.setup()
+def cuda_peak_above(fn: Callable[[], Any]) -> int:
+    """Peak bytes torch allocates on the GPU during fn() above what was allocated before it."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = t.fn()
+    out = fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del out
     return max(0, peak - base)
+
+
+def cuda_peak_bytes(t: Timed) -> int:
+    """cuda_peak_above of one timed run, after its untimed preparation."""
+    _clear(t.grad_to_none)
+    if t.setup is not None:
+        t.setup()
+    return cuda_peak_above(t.fn)
 
 
 # ---------------------------------------------------------------------------------------------

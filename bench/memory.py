@@ -1,10 +1,10 @@
 """Peak transient memory of one benchmark case, measured in a fresh process.
 
 CPU: the process builds the case's inputs, runs it once to warm up (allocator, torch.compile), frees
-what it can (gc, rlhf_fast.release_cpu_buffers, malloc_trim), resets the kernel's peak-RSS counter (/proc/self/clear_refs = 5),
-runs the case once more and reports VmHWM - VmRSS(before) - the bytes of the gradients the case
-must return (every method fills the same gradient buffers). GPU: torch.cuda peak allocated, same
-rule.
+what it can (gc, rlhf_fast.release_cpu_buffers, malloc_trim), resets the kernel's peak-RSS counter
+(/proc/self/clear_refs = 5), runs the case once more and reports VmHWM - VmRSS(before) - the bytes
+of the gradients the case must return (every method fills the same gradient buffers). GPU:
+torch.cuda peak allocated, same rule.
 
     python -m bench.memory <suite> <provider> <case index> <mode> [device] [quick]   # prints one JSON line
 """
@@ -45,9 +45,7 @@ def _trim():
 
 
 def probe(suite: str, provider: str, case_index: int, mode: str, device: str, quick: bool = False) -> dict:
-    import torch
-
-    from bench.common import Skip, mode_fn
+    from bench.common import Skip, cuda_peak_above, mode_fn
     from bench.run import SUITES, cases
 
     module = SUITES[suite]
@@ -65,14 +63,7 @@ def probe(suite: str, provider: str, case_index: int, mode: str, device: str, qu
     _trim()
     grad_bytes = module.grad_bytes(case, mode) if hasattr(module, "grad_bytes") else 0
     if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = timed.fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del out
-        return {"backend": w.backend, "peak_bytes": max(0, peak - base - grad_bytes)}
+        return {"backend": w.backend, "peak_bytes": max(0, cuda_peak_above(timed.fn) - grad_bytes)}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     base = _status_kb("VmRSS") * 1024

@@ -117,6 +117,22 @@ def linear_logprobs_backward_ref(grad_logprobs: Tensor, grad_entropy: Tensor | N
 
 
 # ---------------------------------------------------------------------------------------------
+# linear (the projections of a transformer's layers)
+# ---------------------------------------------------------------------------------------------
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` in the inputs' dtype: x (M, K), weight (N, K), bias (N,)."""
+    out = x @ weight.t()
+    return out if bias is None else out + bias
+
+
+def linear_backward_ref(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of linear_ref w.r.t. x, weight and bias: ``grad @ weight``, ``grad.T @ x`` and the
+    column sums of ``grad`` (M, N)."""
+    return grad @ weight, grad.t() @ x, grad.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------
 # GAE (generalized advantage estimation)
 # ---------------------------------------------------------------------------------------------
 

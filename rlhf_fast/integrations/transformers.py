@@ -1,4 +1,5 @@
-"""Hugging Face transformers integration: ``attn_implementation="rlhf_fast"``, and shared-prefix forwards.
+"""Hugging Face transformers integration: ``attn_implementation="rlhf_fast"``, linear layers through
+:func:`rlhf_fast.linear` (:func:`use_rlhf_fast_linear`), and shared-prefix forwards.
 
 Importing this module registers the name ``"rlhf_fast"`` with transformers' ``AttentionInterface`` (the
 attention function) and ``AttentionMaskInterface`` (the mask it is handed: the 2-D key-padding mask, or
@@ -124,6 +125,37 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
 
 
 register()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers through rlhf_fast.linear
+# ---------------------------------------------------------------------------------------------
+
+class RlhfFastLinear(torch.nn.Linear):
+    """``nn.Linear`` whose forward is :func:`rlhf_fast.linear` (same parameters, same state dict)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return rlhf_fast.linear(input, self.weight, self.bias)
+
+
+def use_rlhf_fast_linear(model: torch.nn.Module) -> int:
+    """Route every plain ``nn.Linear`` of `model` (its projections, its heads) through
+    :func:`rlhf_fast.linear`, in place; returns how many layers now do. Idempotent.
+
+    Each module keeps its parameters, hooks and state-dict keys: only its class becomes
+    :class:`RlhfFastLinear`, a subclass of ``nn.Linear``, so ``isinstance`` checks (peft's LoRA
+    targeting, FSDP2 wrapping) and ``save_pretrained`` / ``from_pretrained`` round trips are unchanged.
+    Subclasses of ``nn.Linear`` with their own forward (quantized layers, peft's LoRA layers) are left
+    as they are; a LoRA layer's base layer is patched like any other. Under ``RLHF_FAST_BACKEND=torch``
+    the layers compute exactly what ``nn.Linear`` does (ATen's GEMM).
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = RlhfFastLinear
+        if type(module) is RlhfFastLinear:
+            count += 1
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

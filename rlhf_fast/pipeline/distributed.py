@@ -342,7 +342,8 @@ def _mp_policy(d: Dist, root: bool):
 
 
 class Engine:
-    """One model under the run's data-parallel wrapper.
+    """One model under the run's data-parallel wrapper, its ``nn.Linear`` layers routed through
+    :func:`rlhf_fast.linear` (:func:`~rlhf_fast.integrations.transformers.use_rlhf_fast_linear`, in place).
 
     ``engine(fn, *args)`` runs ``fn(model, *args)`` through the wrapper's forward (gradients flow; DDP
     synchronises them, FSDP2 reduce-scatters them). ``engine.no_grad(fn, *args)`` runs without
@@ -356,6 +357,9 @@ class Engine:
     (FSDP2 replaces the parameters by sharded DTensors)."""
 
     def __init__(self, model: torch.nn.Module, d: Dist, *, trainable: bool = True):
+        from rlhf_fast.integrations.transformers import use_rlhf_fast_linear
+
+        use_rlhf_fast_linear(model)  # the layers' GEMMs through rlhf_fast.linear (oneDNN on x86 CPUs)
         self.model, self.dist = model, d
         self.module = _Apply(model)
         self.wrapped: torch.nn.Module = self.module

@@ -8,8 +8,9 @@
 Model: ``build_tiny_llama`` (4 heads, 2 KV heads, MLP 3x hidden) on the default task's word-level tokenizer (58
 tokens), grown to ``--vocab`` with extra tokens as a real LM's vocabulary would be (0: as built); the same seed-0
 initialisation for both trainers (the reward model: that network with a scalar head ``score`` from a fixed
-seed, loaded as the pipeline loads it); fp32. rlhf_fast runs it with ``attn_implementation="rlhf_fast"`` (as the
-pipeline does), TRL with ``--trl-attn`` (default ``sdpa``, what transformers gives a TRL user).
+seed, loaded as the pipeline loads it); fp32. rlhf_fast runs it as the pipeline does, with
+``attn_implementation="rlhf_fast"`` and its ``nn.Linear`` layers through ``rlhf_fast.linear``; TRL with
+``--trl-attn`` (default ``sdpa``, what transformers gives a TRL user) and plain ``nn.Linear`` layers.
 
 SFT: ``--sft-batch`` demonstrations ``{"prompt", "response"}`` of the default task per optimizer step; TRL gets
 the same rows as a prompt/completion dataset (loss on completion tokens only, same max lengths), in the same

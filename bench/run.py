@@ -47,6 +47,7 @@ from bench import (  # noqa: E402
     bench_attention_op,
     bench_gae,
     bench_gather_logprobs,
+    bench_linear,
     bench_linear_logprobs,
     bench_linear_ppo_loss,
     bench_ppo_losses,
@@ -77,6 +78,7 @@ SUITES = {
     "ranking_loss": bench_ranking_loss,
     "attention_op": bench_attention_op,
     "attention": bench_attention,
+    "linear": bench_linear,
 }
 QUICK_REPS = 5
 README_MODES = ("nograd", "fwd+bwd")  # the README tables; every mode is in the CSV/JSON rows and plots

@@ -574,6 +574,13 @@ def op_cost(op: str, mode: str, **p) -> Cost:
         gemms = 3 if op == "linear_logprobs" else 2
         return Cost(2 * weights + 8 * n, tensor_flops=gemms * gemm, flops=6.0 * n * v,
                     precision=TENSOR_PRECISION[p.get("dtype", "fp32")])
+    if op == "linear":  # m rows, k inputs, n outputs: x (m, k) @ weight (n, k).T
+        m, k, n = p["m"], p["k"], p["n"]
+        gemm, prec = 2.0 * m * k * n, TENSOR_PRECISION[p.get("dtype", "fp32")]
+        if fwd:  # read x, weight; write the output
+            return Cost((m * k + n * k + m * n) * e, tensor_flops=gemm, precision=prec)
+        # read grad, x, weight; write grad_x, grad_weight (two GEMMs)
+        return Cost((m * n + 2 * m * k + 2 * n * k) * e, tensor_flops=2 * gemm, precision=prec)
     if op in ("kl_penalty", "ppo_policy_loss", "value_loss"):  # tokens
         t = p["tokens"]
         inputs = {"kl_penalty": 2, "ppo_policy_loss": 3, "value_loss": 3}[op]

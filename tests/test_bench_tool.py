@@ -153,6 +153,8 @@ def test_cost_model_hand_counts():
     c = _aot.op_cost("linear_logprobs", "fwd", n=4, hidden=8, vocab=16, dtype="bf16")
     assert c.tensor_flops == 2 * 4 * 8 * 16 and c.bytes == (4 + 16) * 8 * 2 + 12 * 4
     assert _aot.op_cost("linear_logprobs", "bwd", n=4, hidden=8, vocab=16, dtype="bf16").tensor_flops == 3 * 1024
+    c = _aot.op_cost("linear", "fwd+bwd", m=4, k=8, n=16, dtype="fp32")  # 1 + 2 GEMMs
+    assert c.tensor_flops == 3 * 2 * 4 * 8 * 16 and c.bytes == 4 * ((32 + 128 + 64) + (64 + 64 + 256))
     # attention, one causal sequence of 4 tokens: 1 + 2 + 3 + 4 = 10 visible pairs per head
     shape = _aot.attention_shape("dense", batch=1, heads=2, seqlen=4, head_dim=8)
     assert shape["pairs"] == 10

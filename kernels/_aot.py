@@ -101,6 +101,26 @@ class KernelSpec:
                 tuple((k, repr(v)) for k, v in sorted(self.attrs.items())), self.num_warps, self.num_stages)
 
 
+class SpecSet:
+    """The specs of a kernel family, one per compiled kernel: a spec that compiles to the same kernel as
+    one already held (equal ``key()``) only adds its shape label to that one."""
+
+    def __init__(self) -> None:
+        self._specs: dict[tuple, KernelSpec] = {}
+
+    def add(self, spec: KernelSpec, shape: str, new_shape: str | None = None) -> None:
+        """Add `spec` serving `shape`; `new_shape`, when given, labels it instead if it is new."""
+        held = self._specs.get(spec.key())
+        if held is not None:
+            held.shapes.append(shape)
+        else:
+            spec.shapes.append(new_shape or shape)
+            self._specs[spec.key()] = spec
+
+    def specs(self) -> list[KernelSpec]:
+        return list(self._specs.values())
+
+
 def spec_from_args(name: str, fn, args: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
                    num_stages: int) -> KernelSpec:
     """The spec triton.jit would compile when launching `fn` with these (example) arguments.

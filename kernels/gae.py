@@ -237,18 +237,11 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
     """The distinct configurations the launcher uses for `shapes` x `dtypes`, with and without
     whitening, plus the two whitening kernels; built from the launcher's own argument builders on
     meta tensors."""
-    from rlhf_fast.kernels._aot import KernelSpec, spec_from_args
+    from rlhf_fast.kernels._aot import SpecSet, spec_from_args
 
     meta = dict(device="meta")
-    specs: dict[tuple, KernelSpec] = {}
-
-    def add(spec, shape):
-        key = spec.key()
-        if key in specs:
-            specs[key].shapes.append(shape)
-        else:
-            spec.shapes.append(shape)
-            specs[key] = spec
+    specs = SpecSet()
+    add = specs.add
 
     for dtype in dtypes:
         for n_seq, total in shapes:
@@ -270,4 +263,4 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
     mask = torch.empty(256 * 2048, dtype=torch.bool, **meta)
     args, constexprs, warps, _ = _whiten_launch(f32, mask, stats)
     add(spec_from_args("gae_whiten", _gae_whiten_kernel, args, constexprs, warps, 1), "N=524288")
-    return list(specs.values())
+    return specs.specs()

@@ -296,10 +296,10 @@ def aot_specs(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, n_rows: int = 2):
     arguments the way triton.jit does at launch (i32/i64, 16-divisibility), so they cannot drift
     from what runs. Shapes that give the same compiled kernel are merged into one spec.
     """
-    from rlhf_fast.kernels._aot import KernelSpec, spec_from_args
+    from rlhf_fast.kernels._aot import SpecSet, spec_from_args
 
     meta = dict(device="meta")
-    specs: dict[tuple, KernelSpec] = {}
+    specs = SpecSet()
     for dtype in dtypes:
         for vocab in vocabs:
             logits = torch.empty((n_rows, vocab), dtype=dtype, **meta)
@@ -317,10 +317,5 @@ def aot_specs(vocabs=AOT_VOCABS, dtypes=AOT_DTYPES, n_rows: int = 2):
                                  args, constexprs, warps))
             for fn, kind, args, constexprs, warps in launches:
                 spec = spec_from_args(f"gather_logprobs_{kind}", fn, args, constexprs, warps, NUM_STAGES)
-                key = spec.key()
-                if key in specs:
-                    specs[key].shapes.append(f"V={vocab}")
-                else:
-                    spec.shapes.append(f"{str(dtype).removeprefix('torch.')} V={vocab}")
-                    specs[key] = spec
-    return list(specs.values())
+                specs.add(spec, f"V={vocab}", new_shape=f"{str(dtype).removeprefix('torch.')} V={vocab}")
+    return specs.specs()

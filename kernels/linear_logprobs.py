@@ -677,19 +677,14 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES, n_rows: int = 8192):
     AOT_VARIANTS), built by the launchers' own argument builders on meta tensors and specialized as
     triton.jit does at launch, so they cannot drift from what runs. Always the GPU configuration,
     also when this process runs under the interpreter (specs are only built there)."""
-    from rlhf_fast.kernels._aot import KernelSpec, spec_from_args
+    from rlhf_fast.kernels._aot import KernelSpec, SpecSet, spec_from_args
 
     meta = dict(device="meta")
-    specs: dict[tuple, KernelSpec] = {}
+    specs = SpecSet()
 
     def add(spec: KernelSpec, shape: str, tensor_cores: bool) -> None:
         spec.requires_tensor_cores = tensor_cores
-        key = spec.key()
-        if key in specs:
-            specs[key].shapes.append(shape)
-        else:
-            spec.shapes.append(shape)
-            specs[key] = spec
+        specs.add(spec, shape)
 
     labels = torch.empty((n_rows,), dtype=torch.int64, **meta)
     vec = torch.empty((n_rows,), dtype=torch.float32, **meta)
@@ -717,4 +712,4 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES, n_rows: int = 8192):
         args, constexprs, _ = _combine_launch(vec, vec, labels, vec, vec if ent else None, vec, 16, -100, ent)
         add(spec_from_args("linear_logprobs_combine" + ("+entropy" if ent else ""), _linear_logprobs_combine_kernel,
                            args, constexprs, COMBINE_WARPS, 1), f"N={n_rows} any dtype, H, V", False)
-    return list(specs.values())
+    return specs.specs()

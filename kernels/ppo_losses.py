@@ -510,20 +510,14 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
     a clamp; the policy loss with and without dual clip and the value loss, each with the per-token
     gradient; the finalize kernel of both losses for every aggregation. Built from the launchers' own
     argument builders on meta tensors, so they cannot drift from what runs."""
-    from rlhf_fast.kernels._aot import KernelSpec, spec_from_args
+    from rlhf_fast.kernels._aot import SpecSet, spec_from_args
 
     meta = dict(device="meta")
-    specs: dict[tuple, KernelSpec] = {}
+    specs = SpecSet()
 
     def add(name, fn, launch, shape_label):
         args, constexprs, warps, _ = launch
-        spec = spec_from_args(name, fn, args, constexprs, warps, NUM_STAGES)
-        key = spec.key()
-        if key in specs:
-            specs[key].shapes.append(shape_label)
-        else:
-            spec.shapes.append(shape_label)
-            specs[key] = spec
+        specs.add(spec_from_args(name, fn, args, constexprs, warps, NUM_STAGES), shape_label)
 
     for dtype in dtypes:
         dt = str(dtype).removeprefix("torch.")
@@ -552,4 +546,4 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
                                       None, -1, 64, 2, 2048.0, agg, is_value)
             add(f"{'value' if is_value else 'policy'}_finalize[agg={agg}]", _ppo_loss_finalize_kernel, launch,
                 "B=64")
-    return list(specs.values())
+    return specs.specs()

@@ -247,18 +247,11 @@ def aot_specs(ks=AOT_KS, dtypes=AOT_DTYPES, n_prompts: int = 1024):
     """Forward and backward for `ks` x `dtypes` (with ranks and num_candidates at K > 2, as the reward
     model uses them; plain at K = 2, as pairwise_loss does, with per-pair margins), plus the finalize
     kernel; built from the launchers' own argument builders on meta tensors."""
-    from rlhf_fast.kernels._aot import KernelSpec, spec_from_args
+    from rlhf_fast.kernels._aot import SpecSet, spec_from_args
 
     meta = dict(device="meta")
-    specs: dict[tuple, KernelSpec] = {}
-
-    def add(spec, shape):
-        key = spec.key()
-        if key in specs:
-            specs[key].shapes.append(shape)
-        else:
-            spec.shapes.append(shape)
-            specs[key] = spec
+    specs = SpecSet()
+    add = specs.add
 
     for dtype in dtypes:
         for k in ks:
@@ -284,4 +277,4 @@ def aot_specs(ks=AOT_KS, dtypes=AOT_DTYPES, n_prompts: int = 1024):
     args, constexprs, warps, _ = _finalize_launch(part_f, part_i, scalar, scalar, scalar,
                                                   torch.empty(2, dtype=torch.int64, **meta))
     add(spec_from_args("ranking_loss_finalize", _ranking_loss_finalize_kernel, args, constexprs, warps, 1), "G=128")
-    return list(specs.values())
+    return specs.specs()

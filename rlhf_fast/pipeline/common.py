@@ -186,6 +186,35 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
 # Optimisation
 # ---------------------------------------------------------------------------------------------
 
+def optimizer_and_schedule(config, params, n_rows: int):
+    """(steps_per_epoch, total_steps, AdamW, warm-up + cosine LambdaLR) of a stage that trains `n_rows`
+    rows in batches of ``config.batch_size`` for ``config.epochs`` (at most ``config.max_steps``)."""
+    steps_per_epoch = max(1, n_rows // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    total_steps = min(total, config.max_steps) if config.max_steps else total
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, total_steps))
+    return steps_per_epoch, total_steps, optimizer, scheduler
+
+
+def global_batch_indices(n_rows: int, batch_size: int, steps_per_epoch: int, seed: int, step: int) -> list[int]:
+    """The rows of optimizer step `step`'s global batch: a permutation per epoch seeded by (seed, epoch),
+    so the global batch depends on the step only (a resumed run draws what the uninterrupted one would)."""
+    epoch, i = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(step_seed(seed, epoch))
+    order = torch.randperm(n_rows, generator=g)
+    return order[i * batch_size: (i + 1) * batch_size].tolist()
+
+
+def given_or_loaded(given, path: str, message: str, load):
+    """`given` when it is not None, else ``load()`` when the config names a `path`, else ValueError(message)."""
+    if given is not None:
+        return given
+    if not path:
+        raise ValueError(message)
+    return load()
+
+
 def lr_lambda(warmup: int, total: int):
     """Linear warm-up then cosine decay to 10% of the peak."""
     def f(step):

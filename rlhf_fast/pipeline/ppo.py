@@ -114,19 +114,16 @@ class PPOTrainer:
         cfg = self.config = config
         d = self.dist = D.setup(cfg.distributed, cfg.device, cfg.precision)
         self.device = d.device
-        if tokenizer is None:
-            if not cfg.policy:
-                raise ValueError("policy: give PPOConfig.policy (the SFT model's path) or pass policy= and tokenizer=")
-            tokenizer = C.load_tokenizer(cfg.policy, cfg.trust_remote_code)
-        if policy is None:
-            if not cfg.policy:
-                raise ValueError("policy: give PPOConfig.policy (the SFT model's path) or pass policy=")
-            policy = C.load_causal_lm(cfg.policy, cfg.trust_remote_code)
-        if reward_model is None:
-            if not cfg.reward_model:
-                raise ValueError("reward_model: give PPOConfig.reward_model (a path) or pass reward_model=")
-            reward_model = C.load_scalar_model(cfg.reward_model, cfg.trust_remote_code,
-                                               pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
+        tokenizer = C.given_or_loaded(
+            tokenizer, cfg.policy,
+            "policy: give PPOConfig.policy (the SFT model's path) or pass policy= and tokenizer=",
+            lambda: C.load_tokenizer(cfg.policy, cfg.trust_remote_code))
+        policy = C.given_or_loaded(policy, cfg.policy, "policy: give PPOConfig.policy (the SFT model's path) or pass "
+                                   "policy=", lambda: C.load_causal_lm(cfg.policy, cfg.trust_remote_code))
+        reward_model = C.given_or_loaded(
+            reward_model, cfg.reward_model, "reward_model: give PPOConfig.reward_model (a path) or pass reward_model=",
+            lambda: C.load_scalar_model(cfg.reward_model, cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
+                                        seed=cfg.seed))
         for name in ("temperature", "top_p", "clip_eps", "minibatch_size", "samples_per_prompt",
                      "prompts_per_iteration", "max_new_tokens"):
             if not getattr(cfg, name) > 0:

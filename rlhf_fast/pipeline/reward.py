@@ -94,44 +94,33 @@ class RewardTrainer:
         self.config = config
         self.dist = D.setup(config.distributed, config.device, config.precision)
         self.device = self.dist.device
-        if tokenizer is None:
-            if not config.model:
-                raise ValueError("model: give RMConfig.model (the SFT model's path) or pass model= and tokenizer=")
-            tokenizer = C.load_tokenizer(config.model, config.trust_remote_code)
-        if model is None:
-            if not config.model:
-                raise ValueError("model: give RMConfig.model (the SFT model's path) or pass model=")
-            model = C.load_scalar_model(config.model, config.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
-                                        seed=config.seed)
+        tokenizer = C.given_or_loaded(
+            tokenizer, config.model, "model: give RMConfig.model (the SFT model's path) or pass model= and tokenizer=",
+            lambda: C.load_tokenizer(config.model, config.trust_remote_code))
+        model = C.given_or_loaded(
+            model, config.model, "model: give RMConfig.model (the SFT model's path) or pass model=",
+            lambda: C.load_scalar_model(config.model, config.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
+                                        seed=config.seed))
         self.packing = config.packing
         if self.packing == "shared_prefix" and getattr(model.config, "_attn_implementation", None) != C.ATTN:
             self.packing = "padded"  # the model cannot run rlhf_fast attention: padded batches
         self.model, self.tokenizer = D.prepare(model, config, self.dist, "SEQ_CLS"), tokenizer
         self.engine = D.Engine(self.model, self.dist)
-        if train_data is None:
-            if not config.data:
-                raise ValueError("data: give RMConfig.data (a ranked JSONL file) or pass train_data=")
-            train_data = load_ranked(config.data)
+        train_data = C.given_or_loaded(train_data, config.data, "data: give RMConfig.data (a ranked JSONL file) or "
+                                       "pass train_data=", lambda: load_ranked(config.data))
         train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
         self.train_rows = encode_ranked(self.encoder, train_data)
         self.eval_rows = encode_ranked(self.encoder, eval_data) if eval_data else []
         self.progress = progress
-        self.steps_per_epoch = max(1, len(self.train_rows) // config.batch_size)
         D.check_batch("batch_size", min(config.batch_size, len(self.train_rows)), self.dist, config.grad_accum)
-        total = self.steps_per_epoch * config.epochs
-        self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        self.optimizer = torch.optim.AdamW(self.engine.trainable_parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           C.lr_lambda(config.warmup_steps, self.total_steps))
+        self.steps_per_epoch, self.total_steps, self.optimizer, self.scheduler = C.optimizer_and_schedule(
+            config, self.engine.trainable_parameters(), len(self.train_rows))
         self.step_count = 0
 
     def batch_at(self, step: int):
-        epoch, i = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(C.step_seed(self.config.seed, epoch))
-        order = torch.randperm(len(self.train_rows), generator=g)
-        idx = order[i * self.config.batch_size: (i + 1) * self.config.batch_size].tolist()
+        idx = C.global_batch_indices(len(self.train_rows), self.config.batch_size, self.steps_per_epoch,
+                                     self.config.seed, step)
         return [self.train_rows[j] for j in D.shard(idx, self.dist)]
 
     def step(self, batch) -> dict:

@@ -67,40 +67,29 @@ class SFTTrainer:
         self.config = config
         self.dist = D.setup(config.distributed, config.device, config.precision)
         self.device = self.dist.device
-        if model is None:
-            if not config.model:
-                raise ValueError("model: give SFTConfig.model (a path or hub id) or pass model=")
-            model = C.load_causal_lm(config.model, config.trust_remote_code)
-        if tokenizer is None:
-            tokenizer = C.load_tokenizer(config.model, config.trust_remote_code)
+        model = C.given_or_loaded(model, config.model, "model: give SFTConfig.model (a path or hub id) or pass model=",
+                                  lambda: C.load_causal_lm(config.model, config.trust_remote_code))
+        tokenizer = C.given_or_loaded(tokenizer, config.model, "model: give SFTConfig.model or pass tokenizer=",
+                                      lambda: C.load_tokenizer(config.model, config.trust_remote_code))
         self.model = D.prepare(model, config, self.dist, "CAUSAL_LM")
         self.engine = D.Engine(self.model, self.dist)
         self.tokenizer = tokenizer
-        if train_data is None:
-            if not config.data:
-                raise ValueError("data: give SFTConfig.data (a JSONL file) or pass train_data=")
-            train_data = load_sft(config.data)
+        train_data = C.given_or_loaded(train_data, config.data, "data: give SFTConfig.data (a JSONL file) or pass "
+                                       "train_data=", lambda: load_sft(config.data))
         train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "examples")
         self.train_data, self.eval_data = train_data, eval_data
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
         self.progress = progress
-        self.steps_per_epoch = max(1, len(train_data) // config.batch_size)
         D.check_batch("batch_size", min(config.batch_size, len(train_data)), self.dist, config.grad_accum)
-        total = self.steps_per_epoch * config.epochs
-        self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        self.optimizer = torch.optim.AdamW(self.engine.trainable_parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           C.lr_lambda(config.warmup_steps, self.total_steps))
+        self.steps_per_epoch, self.total_steps, self.optimizer, self.scheduler = C.optimizer_and_schedule(
+            config, self.engine.trainable_parameters(), len(train_data))
         self.step_count = 0
 
     def batch_at(self, step: int) -> LMBatch:
         """This rank's share of the global batch of optimizer step `step` (a permutation per epoch seeded by
         (seed, epoch), so the global batch depends on the step only; one process: the whole batch)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(C.step_seed(self.config.seed, epoch))
-        order = torch.randperm(len(self.train_data), generator=g)
-        idx = order[i * self.config.batch_size: (i + 1) * self.config.batch_size].tolist()
+        idx = C.global_batch_indices(len(self.train_data), self.config.batch_size, self.steps_per_epoch,
+                                     self.config.seed, step)
         return encode_lm(self.encoder, [self.train_data[j] for j in D.shard(idx, self.dist)])
 
     def step(self, batch: LMBatch) -> dict:

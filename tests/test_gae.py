@@ -131,6 +131,52 @@ def test_packed_variable_lengths(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_lengths_and_sparse_masks(backend, dtype):
+    """61 packed sequences of lengths 0..70 (offsets at every alignment), each with its own fraction
+    of valid positions from ~0 to ~1 (long masked runs the carry must cross), NaN / inf at every
+    masked position. The CPU kernel walks them four at a time, longest first, in blocks aligned to the
+    outputs with padded blocks at both ends of a sequence."""
+    g = torch.Generator().manual_seed(13)
+    lengths = torch.randint(0, 71, (61,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(cu[-1])
+    density = torch.rand(61, generator=g).repeat_interleave(lengths)
+    m = torch.rand(n, generator=g) < density
+    r, v = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    dirty_r, dirty_v = r.clone(), v.clone()
+    dirty_r[~m], dirty_v[~m] = float("nan"), float("inf")
+    for whiten in (False, True):
+        adv, ret = rlhf_fast.gae(dirty_r, dirty_v, m, gamma=0.99, lam=0.95, whiten=whiten, cu_seqlens=cu,
+                                 backend=backend)
+        adv_r, ret_r = gae_loop_ref(r, v, m, gamma=0.99, lam=0.95, whiten=whiten, cu_seqlens=cu)
+        assert_close(adv, adv_r, "advantages", **TOL)
+        assert_close(ret, ret_r, "returns", **TOL)
+        assert (adv[~m] == 0).all() and (ret[~m] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_batches(backend):
+    """Padded (64, 4100) and its packed form: more than 2^18 positions, from where the CPU kernel
+    writes its outputs with streaming stores (both outputs raw, the returns only when whitening);
+    rows end off the kernel's block boundaries."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter scans element by element in Python: minutes at 260K tokens")
+    rewards, values, mask = make_batch(96, 4100, hole_frac=0.1, seed=14)
+    pr, pv, pm, cu, _ = pack(rewards, values, mask)
+    assert rewards.numel() >= 2**18 and pr.numel() >= 2**18
+    for whiten in (False, True):
+        adv, ret = rlhf_fast.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=whiten, backend=backend)
+        adv_r, ret_r = gae_loop_ref(rewards, values, mask, gamma=0.99, lam=0.95, whiten=whiten)
+        assert_close(adv, adv_r, "advantages", **TOL)
+        assert_close(ret, ret_r, "returns", **TOL)
+        padv, pret = rlhf_fast.gae(pr, pv, pm, gamma=0.99, lam=0.95, whiten=whiten, cu_seqlens=cu, backend=backend)
+        padv_r, pret_r = gae_loop_ref(pr, pv, pm, gamma=0.99, lam=0.95, whiten=whiten, cu_seqlens=cu)
+        assert_close(padv, padv_r, "packed advantages", **TOL)
+        assert_close(pret, pret_r, "packed returns", **TOL)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_whitening_statistics(backend):
     rewards, values, mask = make_batch(4, 200, seed=4)
     adv, _ = rlhf_fast.gae(rewards, values, mask, whiten=True, backend=backend)
@@ -348,6 +394,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             ar, rr = gae_loop_ref(r, v, m, gamma=0.99, lam=0.95, whiten=whiten)
             assert torch.allclose(a, ar, atol=1e-4, rtol=1e-4), (dtype, batch, steps, whiten)
             assert torch.allclose(ret, rr, atol=1e-4, rtol=1e-4), (dtype, batch, steps, whiten)
+# packed sequences of lengths 0..70, sparse masks; then more than 2^18 positions (streaming stores)
+lengths = torch.randint(0, 71, (29,))
+cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+r, v = torch.randn(int(cu[-1])), torch.randn(int(cu[-1]))
+m = torch.rand(int(cu[-1])) < 0.3
+big = (torch.randn(64, 4100), torch.randn(64, 4100), torch.rand(64, 4100) > 0.2)
+for args, kw in (((r, v, m), dict(cu_seqlens=cu)), (big, {})):
+    for whiten in (False, True):
+        a, ret = rlhf_fast.gae(*args, gamma=0.99, lam=0.95, whiten=whiten, backend="cpu", **kw)
+        ar, rr = gae_loop_ref(*args, gamma=0.99, lam=0.95, whiten=whiten, **kw)
+        assert torch.allclose(a, ar, atol=1e-4, rtol=1e-4), (a.shape, whiten)
+        assert torch.allclose(ret, rr, atol=1e-4, rtol=1e-4), (a.shape, whiten)
 print("ok")
 """
 

@@ -1,17 +1,45 @@
 // CPU kernel of gae, compiled once per SIMD capability (see csrc/cpu/dispatch.h).
 //
-// One task per run of whole sequences (at::parallel_for over sequences). A sequence is one backward
-// walk of the recursion of rlhf_fast/gae_math.h (gae::step, which the CUDA lanes run too); each step
-// depends on the one after it, so the parallelism is across sequences:
-//   - groups of kGaeTile = Vec::size() consecutive sequences of one length (every group of the padded
-//     form; equal-length runs of the packed form) are walked with one SIMD lane per sequence, through
-//     kGaeTile x kGaeTile transposed tiles (gae_walk_tiled);
-//   - other runs of kGaeLanes equal-length sequences are walked as interleaved scalar lanes, whose
-//     dependency chains overlap; the rest one by one.
-// Selects are branch-free (BlendSelect): masks with holes make a branch unpredictable.
-// Whitening: each walked sequence's moments by two SIMD passes over its advantages while they are in
-// cache (exact two-pass mean and variance, fp64 across blocks), Chan's merge across sequences in
-// sequence order (deterministic whatever the thread count), then one SIMD pass over the advantages.
+// Each sequence is walked backwards along its own contiguous memory, one block of kGaeWidth
+// consecutive positions per step, four sequences interleaved block by block (twenty streams, each
+// read or written in order). With AVX-512 (16 lanes) and AVX2 (8 lanes) a block is the recursion of
+// rlhf_fast/gae_math.h in its parallel form, inside one register:
+//   1. V' (the value at the next valid position) of every lane: the index of the next valid lane by
+//      a suffix-min scan over lane indices (log2 W shifts), then one permute of the values; lanes with
+//      no later valid lane in the block take the carry's value;
+//   2. A: x_t = d_t + k_t * x_{t+1} with (d, k) = (delta_t, gamma * lam) at valid positions and
+//      (0, 1) at masked ones (gae::Map once V' is known: a masked position is the identity), an
+//      inclusive scan in log2 W steps; the carry's advantage enters through the product of the k's;
+//   3. the carries of the block before: A at lane 0 (a masked lane passes the carry through), V at
+//      the first valid lane (the carry's value when there is none).
+// Only the carry crosses blocks (an FMA and a broadcast of latency per block), which the interleaved
+// sequences hide. The portable build walks each block with gae::step, the sequential form. Blocks
+// are aligned to the outputs: a sequence's positions after its last block boundary, and its first
+// left % W positions, go through a padded block whose extra lanes are masked (they pass the carry
+// through). Sequences of any lengths share the interleave: the four of a group are ordered longest
+// first and the shortest leaves the interleave first.
+//
+// Why not one SIMD lane per sequence (W sequences walked together through transposed W x W tiles,
+// the kernel before this one): measured at (256, 2048) fp32 from a flushed cache, one thread, it took
+// 0.58 ms against 0.32-0.44 ms for this walk and 0.25 ms for a plain copy of the same bytes, and
+// 0.45 ms even from a warm cache. The tiles touch W rows at once, 8 KB apart: for each tile, 4W lines
+// of one L1 set (a transposed copy alone, without any GAE math, took 0.34 ms warm against 0.10 ms
+// for a straight copy).
+//
+// Stores: outputs of kGaeStreamMin positions or more are written with streaming stores (a plain
+// store first reads the line it writes: a third of the traffic; 0.41 -> 0.33 ms cold at (256, 2048)
+// fp32), except the advantages when the whitening pass reads them again.
+//
+// Whitening: each sequence's moments by two SIMD passes over its advantages right after its walk
+// (still in L1/L2; exact two-pass mean and variance, fp64 across blocks), Chan's merge across
+// sequences in sequence order (deterministic whatever the thread count), then one pass over the
+// advantages.
+//
+// Threads: one task per kGaeGrain positions at least. A helper thread must be woken, which costs tens
+// of microseconds on an idle core and a scheduler time slice on a busy one: measured at (256, 2048)
+// while another process kept the second core busy, two threads took 7 ms against 0.3 ms for one.
+// The walk is memory-bound (~0.3-0.6 ms per million positions from DRAM, one thread), so below ~1M
+// positions one thread is both faster and steadier.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -24,184 +52,251 @@
 #include "vec_utils.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace rlhf_fast::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Positions per parallel task, at least.
-constexpr int64_t kGaeGrain = 1 << 14;
-// Sequences walked together by one thread.
-constexpr int kGaeLanes = 4;
+// Positions per parallel task, at least (see "Threads" above).
+constexpr int64_t kGaeGrain = int64_t{1} << 20;
 // Positions whose whitening sums are added in fp32 SIMD lanes before they are added in fp64.
 constexpr int64_t kGaeBlock = 2048;
+// Outputs of at least this many positions each (1 MB, a core's L2) are written with streaming stores
+// (see "Stores" above).
+constexpr int64_t kGaeStreamMin = int64_t{1} << 18;
 
-// Branch-free select of one float (the walk's mask is unpredictable when it has holes; a mispredicted
-// branch costs more than the whole step).
-struct BlendSelect {
-  static inline float pick(bool c, float a, float b) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    const __m128 mask = _mm_castsi128_ps(_mm_cvtsi32_si128(-int32_t(c)));
-    return _mm_cvtss_f32(_mm_blendv_ps(_mm_set_ss(b), _mm_set_ss(a), mask));
-#else
-    return c ? a : b;
-#endif
+// Which outputs a block writes with streaming (non-temporal) stores.
+enum class GaeStores { kPlain, kStreamReturns, kStreamBoth };
+
+#if defined(CPU_CAPABILITY_AVX512)
+// ------------------------------------------------------------------------------------------------
+// AVX-512: 16 positions per block.
+constexpr int kGaeWidth = 16;
+
+// Advantage and value at the next valid position, broadcast to every lane.
+struct GaeCarry {
+  __m512 adv = _mm512_setzero_ps();
+  __m512 value = _mm512_setzero_ps();
+};
+
+// 16 consecutive elements as fp32.
+template <typename T>
+inline __m512 load_block(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+  } else {
+    static_assert(std::is_same_v<T, at::Half>);
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+}
+
+// Lane i <- x[i + S]; the top S lanes <- fill.
+template <int S>
+inline __m512 shift_down(__m512 x, __m512 fill) {
+  return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(fill), _mm512_castps_si512(x), S));
+}
+
+// A streaming store needs a 64-byte aligned address: the walk aligns its whole blocks.
+template <bool kStream>
+inline void store_block(float* p, __m512 x) {
+  if constexpr (kStream) _mm512_stream_ps(p, x); else _mm512_storeu_ps(p, x);
+}
+
+template <typename T, GaeStores kStores = GaeStores::kPlain>
+__attribute__((always_inline)) inline void gae_block(const T* r, const T* v, const uint8_t* m, float* adv, float* ret,
+                                                     GaeCarry& c, float gamma, float gamma_lam) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+  const __mmask16 valid = _mm_test_epi8_mask(bytes, bytes);
+  const __m512 rew = load_block(r), val = load_block(v);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i none = _mm512_set1_epi32(16), first_lane = _mm512_setzero_si512();
+  // next[i]: the first valid lane after lane i, 16 (the carry) when none.
+  __m512i next = _mm512_alignr_epi32(none, _mm512_mask_blend_epi32(valid, none, lane), 1);
+  next = _mm512_min_epi32(next, _mm512_alignr_epi32(none, next, 1));
+  next = _mm512_min_epi32(next, _mm512_alignr_epi32(none, next, 2));
+  next = _mm512_min_epi32(next, _mm512_alignr_epi32(none, next, 4));
+  next = _mm512_min_epi32(next, _mm512_alignr_epi32(none, next, 8));
+  const __m512 next_value = _mm512_permutex2var_ps(val, next, c.value);  // index 16: lane 0 of the carry
+  // x_t = d_t + k_t * x_{t+1}, scanned: lane t ends as the map of positions t..15 of the block.
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  __m512 d = _mm512_maskz_sub_ps(valid, _mm512_fmadd_ps(_mm512_set1_ps(gamma), next_value, rew), val);
+  __m512 k = _mm512_mask_blend_ps(valid, one, _mm512_set1_ps(gamma_lam));
+  d = _mm512_fmadd_ps(k, shift_down<1>(d, zero), d);
+  k = _mm512_mul_ps(k, shift_down<1>(k, one));
+  d = _mm512_fmadd_ps(k, shift_down<2>(d, zero), d);
+  k = _mm512_mul_ps(k, shift_down<2>(k, one));
+  d = _mm512_fmadd_ps(k, shift_down<4>(d, zero), d);
+  k = _mm512_mul_ps(k, shift_down<4>(k, one));
+  d = _mm512_fmadd_ps(k, shift_down<8>(d, zero), d);
+  k = _mm512_mul_ps(k, shift_down<8>(k, one));
+  const __m512 a = _mm512_fmadd_ps(k, c.adv, d);
+  store_block<kStores == GaeStores::kStreamBoth>(adv, _mm512_maskz_mov_ps(valid, a));
+  store_block<kStores != GaeStores::kPlain>(ret, _mm512_maskz_add_ps(valid, a, val));
+  c.adv = _mm512_permutexvar_ps(first_lane, a);
+  // the first valid lane of the block: 0 if lane 0 is valid, else next[0]
+  const __m512i first = _mm512_permutexvar_epi32(first_lane, _mm512_mask_blend_epi32(valid, next, lane));
+  c.value = _mm512_permutex2var_ps(val, first, c.value);
+}
+
+#elif defined(CPU_CAPABILITY_AVX2)
+// ------------------------------------------------------------------------------------------------
+// AVX2: 8 positions per block, the same steps with 256-bit permutes and blends.
+constexpr int kGaeWidth = 8;
+
+struct GaeCarry {
+  __m256 adv = _mm256_setzero_ps();
+  __m256 value = _mm256_setzero_ps();
 };
 
-// Lane-wise select of SIMD vectors by a lane mask (all-ones lanes where set).
-struct VecSelect {
-  static inline Vec pick(const Vec& mask, const Vec& a, const Vec& b) { return Vec::blendv(b, a, mask); }
-};
+template <typename T>
+inline __m256 load_block(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16));
+  } else {
+    static_assert(std::is_same_v<T, at::Half>);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
 
-// The arrays every lane of a walk reads and writes.
+// Lane i <- x[i + S]; the top S lanes <- fill.
+template <int S>
+inline __m256i shift_down(__m256i x, __m256i fill) {
+  const __m256i up = _mm256_setr_epi32(S & 7, (S + 1) & 7, (S + 2) & 7, (S + 3) & 7, (S + 4) & 7, (S + 5) & 7,
+                                       (S + 6) & 7, (S + 7) & 7);
+  constexpr int kTop = (0xff << (8 - S)) & 0xff;
+  return _mm256_blend_epi32(_mm256_permutevar8x32_epi32(x, up), fill, kTop);
+}
+template <int S>
+inline __m256 shift_down(__m256 x, __m256 fill) {
+  return _mm256_castsi256_ps(shift_down<S>(_mm256_castps_si256(x), _mm256_castps_si256(fill)));
+}
+
+// A streaming store needs a 32-byte aligned address: the walk aligns its whole blocks.
+template <bool kStream>
+inline void store_block(float* p, __m256 x) {
+  if constexpr (kStream) _mm256_stream_ps(p, x); else _mm256_storeu_ps(p, x);
+}
+
+template <typename T, GaeStores kStores = GaeStores::kPlain>
+__attribute__((always_inline)) inline void gae_block(const T* r, const T* v, const uint8_t* m, float* adv, float* ret,
+                                                     GaeCarry& c, float gamma, float gamma_lam) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m));
+  const __m256i valid_i = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_setzero_si256());
+  const __m256 valid = _mm256_castsi256_ps(valid_i);
+  const __m256 rew = load_block(r), val = load_block(v);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), none = _mm256_set1_epi32(8);
+  const __m256i first_lane = _mm256_setzero_si256();
+  // next[i]: the first valid lane after lane i, 8 (the carry) when none.
+  __m256i next = shift_down<1>(_mm256_blendv_epi8(none, lane, valid_i), none);
+  next = _mm256_min_epi32(next, shift_down<1>(next, none));
+  next = _mm256_min_epi32(next, shift_down<2>(next, none));
+  next = _mm256_min_epi32(next, shift_down<4>(next, none));
+  const __m256 from_carry = _mm256_castsi256_ps(_mm256_cmpeq_epi32(next, none));
+  const __m256 next_value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(val, next), c.value, from_carry);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  __m256 d = _mm256_and_ps(valid, _mm256_sub_ps(_mm256_fmadd_ps(_mm256_set1_ps(gamma), next_value, rew), val));
+  __m256 k = _mm256_blendv_ps(one, _mm256_set1_ps(gamma_lam), valid);
+  d = _mm256_fmadd_ps(k, shift_down<1>(d, zero), d);
+  k = _mm256_mul_ps(k, shift_down<1>(k, one));
+  d = _mm256_fmadd_ps(k, shift_down<2>(d, zero), d);
+  k = _mm256_mul_ps(k, shift_down<2>(k, one));
+  d = _mm256_fmadd_ps(k, shift_down<4>(d, zero), d);
+  k = _mm256_mul_ps(k, shift_down<4>(k, one));
+  const __m256 a = _mm256_fmadd_ps(k, c.adv, d);
+  store_block<kStores == GaeStores::kStreamBoth>(adv, _mm256_and_ps(valid, a));
+  store_block<kStores != GaeStores::kPlain>(ret, _mm256_and_ps(valid, _mm256_add_ps(a, val)));
+  c.adv = _mm256_permutevar8x32_ps(a, first_lane);
+  const __m256i first = _mm256_permutevar8x32_epi32(_mm256_blendv_epi8(next, lane, valid_i), first_lane);
+  c.value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(val, first),
+                             c.value, _mm256_castsi256_ps(_mm256_cmpeq_epi32(first, none)));
+}
+
+#else
+// ------------------------------------------------------------------------------------------------
+// Portable build: the sequential recursion over the block's positions.
+constexpr int kGaeWidth = 8;
+
+using GaeCarry = gae::Carry;
+
+template <typename T, GaeStores kStores = GaeStores::kPlain>  // plain stores only
+inline void gae_block(const T* r, const T* v, const uint8_t* m, float* adv, float* ret, GaeCarry& c, float gamma,
+                      float gamma_lam) {
+  for (int t = kGaeWidth - 1; t >= 0; --t) {
+    const bool valid = m[t] != 0;
+    const float value = float(v[t]);
+    const float a = gae::step(c, float(r[t]), value, valid, gamma, gamma_lam);
+    adv[t] = a;
+    ret[t] = valid ? a + value : 0.f;
+  }
+}
+#endif
+
+// The arrays every sequence of a walk reads and writes.
 template <typename T>
 struct GaeArrays {
   const T* r;
   const T* v;
-  const bool* m;
+  const uint8_t* m;
   float* adv;
   float* ret;
 };
 
-// One sequence of a walk: its offset and its carry, in a plain local object per lane (never in an
-// array indexed by the lane) so that the compiler keeps it in registers across the interleaved steps.
-struct GaeLane {
-  int64_t start;
-  gae::Carry carry = gae::end_of_sequence();
+// One sequence walked backwards, block by block: its positions [at, at + left) are still to walk. A
+// plain local object per sequence (never an array indexed by the sequence), so that the compiler keeps
+// offsets and carries in registers across the interleaved walks.
+template <typename T, GaeStores kStores>
+struct GaeSequence {
+  int64_t index;  // the sequence's number (-1: none, the padding of a group)
+  int64_t at;
+  int64_t left;
+  GaeCarry carry{};
 
-  template <typename T>
-  __attribute__((always_inline)) inline void step(const GaeArrays<T>& x, int64_t t, float gamma, float gamma_lam) {
-    const int64_t i = start + t;
-    const bool valid = x.m[i];
-    const float value = float(x.v[i]);
-    const float a = gae::step<BlendSelect>(carry, float(x.r[i]), value, valid, gamma, gamma_lam);
-    x.adv[i] = a;
-    x.ret[i] = BlendSelect::pick(valid, a + value, 0.f);
+  __attribute__((always_inline)) inline void block(const GaeArrays<T>& x, float gamma, float gamma_lam) {
+    left -= kGaeWidth;
+    const int64_t i = at + left;
+    gae_block<T, kStores>(x.r + i, x.v + i, x.m + i, x.adv + i, x.ret + i, carry, gamma, gamma_lam);
+  }
+
+  // Positions [at + from, at + from + count), count <= kGaeWidth, through a padded block whose lanes
+  // past count are masked (they pass the carry through; their outputs are dropped).
+  void padded(const GaeArrays<T>& x, int64_t from, int64_t count, float gamma, float gamma_lam) {
+    alignas(64) float sr[kGaeWidth] = {}, sv[kGaeWidth] = {}, sa[kGaeWidth], sret[kGaeWidth];
+    alignas(64) uint8_t sm[kGaeWidth] = {};
+    const int64_t i = at + from;
+    for (int64_t t = 0; t < count; ++t) {
+      sr[t] = float(x.r[i + t]);
+      sv[t] = float(x.v[i + t]);
+      sm[t] = x.m[i + t];
+    }
+    gae_block(sr, sv, sm, sa, sret, carry, gamma, gamma_lam);
+    std::memcpy(x.adv + i, sa, size_t(count) * sizeof(float));
+    std::memcpy(x.ret + i, sret, size_t(count) * sizeof(float));
+  }
+
+  // The positions after the last block boundary of the outputs (the end of the sequence, walked
+  // first), so that every whole block is stored aligned: a streaming store needs it, and a plain
+  // store then never splits a cache line. Needs outputs aligned to a whole block (checked).
+  void start(const GaeArrays<T>& x, float gamma, float gamma_lam) {
+    const int64_t tail = std::min<int64_t>(left, (at + left) % kGaeWidth);
+    if (tail == 0) return;
+    left -= tail;
+    padded(x, left, tail, gamma, gamma_lam);
+  }
+
+  // The rest: whole blocks, then the first left % kGaeWidth positions.
+  void finish(const GaeArrays<T>& x, float gamma, float gamma_lam) {
+    while (left >= kGaeWidth) block(x, gamma, gamma_lam);
+    if (left > 0) padded(x, 0, left, gamma, gamma_lam);
+    left = 0;
   }
 };
-
-// Walks the lanes (sequences of one length) backwards together, one position of each per step.
-template <typename T, typename... Lanes>
-inline void gae_walk(const GaeArrays<T>& x, int64_t len, float gamma, float gamma_lam, Lanes&... lanes) {
-  for (int64_t t = len - 1; t >= 0; --t) (lanes.step(x, t, gamma, gamma_lam), ...);
-}
-
-// A group of kGaeTile = Vec::size() consecutive sequences of one length `len` is a dense (kGaeTile, len)
-// block of the packed arrays (padded rows, or equal-length packed sequences). It is walked with one
-// SIMD lane per sequence: tiles of kGaeTile positions x kGaeTile sequences are transposed into registers'
-// order (at::vec::transpose_mxn, through an L1-resident tile), the kGaeTile steps run on whole vectors
-// (the same formula as gae::step, selects by mask), and the advantage and return tiles are
-// transposed back. The positions before the last whole tile (len % kGaeTile of them) are walked by
-// scalar lanes from the SIMD carries.
-constexpr int kGaeTile = Vec::size();
-
-// Loads the (kGaeTile sequences x kGaeTile positions) block at src (row stride ld) as floats, transposed:
-// tile[c * kGaeTile + l] = src[l * ld + c].
-template <typename T>
-inline void load_tile(const T* src, int64_t ld, float* tile, float* stage) {
-  if constexpr (std::is_same_v<T, float>) {
-    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(src, ld, tile, kGaeTile);
-  } else {
-    for (int l = 0; l < kGaeTile; ++l) {
-      for (int c = 0; c < kGaeTile; ++c) stage[l * kGaeTile + c] = float(src[l * ld + c]);
-    }
-    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(stage, kGaeTile, tile, kGaeTile);
-  }
-}
-
-// The mask of a tile as per-position lane masks: column(c) selects the lanes (sequences) whose position
-// t0 + c is valid. AVX-512 and AVX2 keep one bit per (sequence, position) and test a column in one or
-// two instructions; the portable build stages the bytes as floats and transposes them like the data.
-#if defined(CPU_CAPABILITY_AVX512)
-static_assert(kGaeTile == 16, "AVX-512 tiles are 16 x 16");
-struct TileMask {
-  __m256i rows;  // 16 x 16 bits: bit c of row l = position c of sequence l is valid
-
-  void load(const uint8_t* keep, int64_t ld) {
-    alignas(32) uint16_t bits[16];
-    for (int l = 0; l < 16; ++l) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + l * ld));
-      bits[l] = _mm_test_epi8_mask(b, b);
-    }
-    rows = _mm256_load_si256(reinterpret_cast<const __m256i*>(bits));
-  }
-  __mmask16 column(int c) const { return _mm256_test_epi16_mask(rows, _mm256_set1_epi16(short(1 << c))); }
-};
-struct TileSelect {
-  static inline Vec pick(__mmask16 lanes, const Vec& a, const Vec& b) {
-    return Vec(_mm512_mask_blend_ps(lanes, b, a));
-  }
-};
-#elif defined(CPU_CAPABILITY_AVX2)
-static_assert(kGaeTile == 8, "AVX2 tiles are 8 x 8");
-struct TileMask {
-  __m256i rows;  // 8 x 32 bits: bit c of row l = position c of sequence l is valid
-
-  void load(const uint8_t* keep, int64_t ld) {
-    alignas(32) int32_t bits[8];
-    for (int l = 0; l < 8; ++l) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + l * ld));  // 8 bytes, rest 0
-      bits[l] = ~_mm_movemask_epi8(_mm_cmpeq_epi8(b, _mm_setzero_si128())) & 0xff;
-    }
-    rows = _mm256_load_si256(reinterpret_cast<const __m256i*>(bits));
-  }
-  Vec column(int c) const {
-    const __m256i bit = _mm256_set1_epi32(1 << c);
-    return Vec(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(rows, bit), bit)));
-  }
-};
-using TileSelect = VecSelect;
-#else
-struct TileMask {
-  alignas(64) float cols[kGaeTile * kGaeTile];  // cols[c * kGaeTile + l] = 1 where valid, else 0
-
-  void load(const uint8_t* keep, int64_t ld) {
-    alignas(64) float stage[kGaeTile * kGaeTile];
-    for (int l = 0; l < kGaeTile; ++l) {
-      for (int c = 0; c < kGaeTile; ++c) stage[l * kGaeTile + c] = float(keep[l * ld + c]);
-    }
-    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(stage, kGaeTile, cols, kGaeTile);
-  }
-  Vec column(int c) const { return Vec::loadu(cols + c * kGaeTile) > Vec(0.5f); }
-};
-using TileSelect = VecSelect;
-#endif
-
-template <typename T>
-void gae_walk_tiled(const GaeArrays<T>& x, int64_t start, int64_t len, float gamma, float gamma_lam) {
-  constexpr int kArea = kGaeTile * kGaeTile;
-  alignas(64) float tr[kArea], tv[kArea], stage[kArea];
-  const uint8_t* keep = reinterpret_cast<const uint8_t*>(x.m);
-  const Vec g(gamma), gl(gamma_lam), zero(0.f);
-  gae::CarryOf<Vec> carry{zero, zero};  // one sequence per lane
-  TileMask mask;
-  int64_t t0 = len;
-  while (t0 >= kGaeTile) {
-    t0 -= kGaeTile;
-    const int64_t at = start + t0;  // position t0 of the group's first sequence
-    load_tile(x.r + at, len, tr, stage);
-    load_tile(x.v + at, len, tv, stage);
-    mask.load(keep + at, len);
-    for (int c = kGaeTile - 1; c >= 0; --c) {  // tr, tv become the advantage and return tiles in place
-      const Vec rew = Vec::loadu(tr + c * kGaeTile), val = Vec::loadu(tv + c * kGaeTile);
-      const auto valid = mask.column(c);
-      const Vec a = gae::step<TileSelect>(carry, rew, val, valid, g, gl);
-      a.store(tr + c * kGaeTile);
-      TileSelect::pick(valid, a + val, zero).store(tv + c * kGaeTile);
-    }
-    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(tr, kGaeTile, x.adv + at, len);
-    at::vec::transpose_mxn<float, kGaeTile, kGaeTile>(tv, kGaeTile, x.ret + at, len);
-  }
-  if (t0 == 0) return;
-  alignas(64) float ca[kGaeTile], cv[kGaeTile];
-  carry.adv.store(ca);
-  carry.value.store(cv);
-  for (int l = 0; l < kGaeTile; ++l) {
-    GaeLane lane{start + l * len, gae::Carry{ca[l], cv[l]}};
-    gae_walk(x, t0, gamma, gamma_lam, lane);
-  }
-}
 
 // Moments of the valid advantages of one sequence just walked (still in cache): two SIMD passes,
 // the exact mean first, then the squared deviations from it. Advantages at masked positions are
@@ -239,68 +334,91 @@ inline gae::Moments<double> sequence_moments(const float* __restrict__ a, const 
   return gae::Moments<double>{n, mean, std::max(m2 - n * off * off, 0.0)};
 }
 
-template <typename T>
-void gae_sequences(const T* r, const T* v, const bool* m, const int64_t* cu, int64_t begin, int64_t end, float gamma,
-                   float gamma_lam, float* adv, float* ret, gae::Moments<double>* moments) {
-  static_assert(kGaeLanes == 4, "the interleaved walk below names its four lanes");
-  const GaeArrays<T> x{r, v, m, adv, ret};
-  const auto same_length = [&](int64_t s, int64_t count) {
-    const int64_t len = cu[s + 1] - cu[s];
-    for (int64_t l = 1; l < count; ++l) {
-      if (cu[s + l + 1] - cu[s + l] != len) return false;
-    }
-    return true;
+// Sequences [begin, end), four at a time: after their tails, the four are ordered longest first
+// and walked interleaved block by block, the shortest leaving the interleave first.
+template <typename T, GaeStores kStores>
+void gae_sequences(const GaeArrays<T>& x, const bool* m, const int64_t* cu, int64_t begin, int64_t end, float gamma,
+                   float gamma_lam, gae::Moments<double>* moments) {
+  using Seq = GaeSequence<T, kStores>;
+  const auto sequence = [&](int64_t s) {
+    return s < end ? Seq{s, cu[s], cu[s + 1] - cu[s]} : Seq{-1, 0, 0};
   };
-  int64_t s = begin;
-  // Groups of kGaeTile sequences of one length (every group of the padded form): SIMD across sequences.
-  while (s + kGaeTile <= end && same_length(s, kGaeTile)) {
-    const int64_t len = cu[s + 1] - cu[s];
-    gae_walk_tiled(x, cu[s], len, gamma, gamma_lam);
-    for (int l = 0; moments != nullptr && l < kGaeTile; ++l) {
-      moments[s + l] = sequence_moments(adv + cu[s + l], m + cu[s + l], len);
+  const auto longest_first = [](Seq& p, Seq& q) {
+    if (p.left < q.left) std::swap(p, q);
+  };
+  for (int64_t s = begin; s < end; s += 4) {
+    Seq a = sequence(s), b = sequence(s + 1), c = sequence(s + 2), d = sequence(s + 3);
+    a.start(x, gamma, gamma_lam);
+    b.start(x, gamma, gamma_lam);
+    c.start(x, gamma, gamma_lam);
+    d.start(x, gamma, gamma_lam);
+    longest_first(a, b);
+    longest_first(c, d);
+    longest_first(a, c);
+    longest_first(b, d);
+    longest_first(b, c);
+    while (d.left >= kGaeWidth) {
+      a.block(x, gamma, gamma_lam);
+      b.block(x, gamma, gamma_lam);
+      c.block(x, gamma, gamma_lam);
+      d.block(x, gamma, gamma_lam);
     }
-    s += kGaeTile;
-  }
-  // Runs of kGaeLanes consecutive sequences of one length go together.
-  while (s + kGaeLanes <= end) {
-    if (!same_length(s, kGaeLanes)) break;
-    const int64_t len = cu[s + 1] - cu[s];
-    GaeLane a{cu[s]}, b{cu[s + 1]}, c{cu[s + 2]}, d{cu[s + 3]};
-    gae_walk(x, len, gamma, gamma_lam, a, b, c, d);
-    for (int l = 0; moments != nullptr && l < kGaeLanes; ++l) {
-      moments[s + l] = sequence_moments(adv + cu[s + l], m + cu[s + l], len);
+    d.finish(x, gamma, gamma_lam);
+    while (c.left >= kGaeWidth) {
+      a.block(x, gamma, gamma_lam);
+      b.block(x, gamma, gamma_lam);
+      c.block(x, gamma, gamma_lam);
     }
-    s += kGaeLanes;
+    c.finish(x, gamma, gamma_lam);
+    while (b.left >= kGaeWidth) {
+      a.block(x, gamma, gamma_lam);
+      b.block(x, gamma, gamma_lam);
+    }
+    b.finish(x, gamma, gamma_lam);
+    a.finish(x, gamma, gamma_lam);
+    for (const int64_t i : {a.index, b.index, c.index, d.index}) {
+      if (moments != nullptr && i >= 0) moments[i] = sequence_moments(x.adv + cu[i], m + cu[i], cu[i + 1] - cu[i]);
+    }
   }
-  for (; s < end; ++s) {
-    const int64_t len = cu[s + 1] - cu[s];
-    GaeLane a{cu[s]};
-    gae_walk(x, len, gamma, gamma_lam, a);
-    if (moments != nullptr) moments[s] = sequence_moments(adv + cu[s], m + cu[s], len);
-  }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStores != GaeStores::kPlain) _mm_sfence();  // streaming stores are weakly ordered
+#endif
 }
 
 template <typename T>
 void gae_fwd_impl(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
                   const at::Tensor& cu_seqlens, float gamma, float lam, bool whiten, at::Tensor& advantages,
                   at::Tensor& returns) {
-  const int64_t n_seq = cu_seqlens.size(0) - 1, total = rewards.size(0);
   const T* r = rewards.const_data_ptr<T>();
   const T* v = values.const_data_ptr<T>();
   const bool* m = mask.const_data_ptr<bool>();
   const int64_t* cu = cu_seqlens.const_data_ptr<int64_t>();
   float* adv = advantages.data_ptr<float>();
   float* ret = returns.data_ptr<float>();
+  const int64_t total = rewards.size(0), n_seq = cu_seqlens.size(0) - 1;
   const float gamma_lam = gamma * lam;
   std::vector<gae::Moments<double>> moments(whiten ? n_seq : 0);
   gae::Moments<double>* mom = moments.data();
 
   const int64_t mean_len = std::max<int64_t>(1, total / std::max<int64_t>(n_seq, 1));
-  // Whole SIMD groups per task: a multiple of kGaeTile sequences.
-  const int64_t grain = (std::max<int64_t>(kGaeTile, kGaeGrain / mean_len) + kGaeTile - 1) / kGaeTile * kGaeTile;
-  at::parallel_for(0, n_seq, grain, [&](int64_t begin, int64_t end) {
-    gae_sequences<T>(r, v, m, cu, begin, end, gamma, gamma_lam, adv, ret, whiten ? mom : nullptr);
-  });
+  const int64_t grain = std::max<int64_t>(4, kGaeGrain / mean_len);  // sequences per task, at least
+  const GaeArrays<T> x{r, v, reinterpret_cast<const uint8_t*>(m), adv, ret};
+  const auto walk = [&](auto stores) {
+    at::parallel_for(0, n_seq, grain, [&](int64_t begin, int64_t end) {
+      gae_sequences<T, decltype(stores)::value>(x, m, cu, begin, end, gamma, gamma_lam, whiten ? mom : nullptr);
+    });
+  };
+  // Streaming stores for large outputs aligned to whole blocks; the advantages stay in cache when the
+  // whitening pass reads them again.
+  constexpr uintptr_t kAlign = kGaeWidth * sizeof(float);
+  const bool aligned = reinterpret_cast<uintptr_t>(adv) % kAlign == 0 && reinterpret_cast<uintptr_t>(ret) % kAlign == 0;
+  if (!aligned || total < kGaeStreamMin) {
+    walk(std::integral_constant<GaeStores, GaeStores::kPlain>{});
+  } else if (whiten) {
+    walk(std::integral_constant<GaeStores, GaeStores::kStreamReturns>{});
+  } else {
+    walk(std::integral_constant<GaeStores, GaeStores::kStreamBoth>{});
+  }
   if (!whiten) return;
 
   // Batch moments in a fixed order (deterministic whatever the thread count), then one pass.

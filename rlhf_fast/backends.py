@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rlhf_fast import _native
 
@@ -113,6 +114,10 @@ class OpImpl:
 class OpRegistry:
     name: str
     impls: dict[str, OpImpl] = field(default_factory=dict)
+    # select()'s answers for ops whose backends have no shape limits: they depend only on the request,
+    # the environment variables, the device and the dtypes (availability is fixed for the process)
+    _chosen: dict[tuple, str] = field(default_factory=dict, repr=False)
+    _has_limits: bool = field(default=False, repr=False)
 
     def register(self, backend: str, forward: Callable, backward: Callable | None = None,
                  limits: Callable[..., list[str]] | None = None, native: bool = True) -> None:
@@ -124,6 +129,8 @@ class OpRegistry:
                 f"{self.name}_fwd", NATIVE_KEYS[backend]):
             missing = f"rlhf_fast._C has no {backend} kernel for {self.name}"
         self.impls[backend] = OpImpl(forward, backward, limits, missing, native)
+        self._chosen.clear()
+        self._has_limits = any(impl.limits is not None for impl in self.impls.values())
 
     def reasons(self, backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
         if backend not in self.impls:
@@ -138,6 +145,16 @@ class OpRegistry:
 
     def select(self, tensors: Sequence[torch.Tensor], backend: str | None = None) -> str:
         """Name of the backend that runs this op on `tensors` (see module docstring for the rule)."""
+        if self._has_limits:
+            return self._select(tensors, backend)
+        env = os.environ
+        key = (backend, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), tensors[0].device, *(t.dtype for t in tensors))
+        name = self._chosen.get(key)
+        if name is None:
+            name = self._chosen[key] = self._select(tensors, backend)  # an error is raised, never kept
+        return name
+
+    def _select(self, tensors: Sequence[torch.Tensor], backend: str | None) -> str:
         requested, source = backend, "backend="
         if requested is None and os.environ.get(ENV_VAR):
             requested, source = os.environ[ENV_VAR], ENV_VAR
@@ -163,6 +180,20 @@ class OpRegistry:
 
 
 _OPS: dict[str, OpRegistry] = {}
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether a call may skip its torch.library custom op and run the backend directly: eager mode (not
+    traced by torch.compile), no torch-function or dispatch mode (FakeTensorMode, export, ...), no functorch
+    transform (vmap, grad), and plain tensors (no subclass such as DTensor). The custom op's Python wrapper
+    costs ~0.1 ms from cold caches and, for an op without autograd, adds nothing else in that case."""
+    if torch.compiler.is_compiling():  # first: torch.compile folds it (and cannot trace the mode queries)
+        return False
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return False
+    return not (torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+                or _get_current_dispatch_mode() is not None)
 
 
 def op_registry(name: str) -> OpRegistry:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rlhf_fast import _validation as V
-from rlhf_fast.backends import op_registry
+from rlhf_fast.backends import op_registry, plain_eager
 from rlhf_fast.reference import gae_ref
 
 OP = op_registry("gae")
@@ -69,7 +69,7 @@ def _torch_forward(rewards, values, mask, cu_seqlens, gamma, lam, whiten):
 def _native_forward(rewards, values, mask, cu_seqlens, gamma, lam, whiten):
     if rewards.device.type != "cpu":  # the CPU entry point checks cu_seqlens itself
         check_cu_seqlens_values(cu_seqlens, rewards.shape[0])
-    return torch.ops.rlhf_fast_C.gae_fwd(rewards, values, mask, cu_seqlens, gamma, lam, whiten)
+    return torch.ops.rlhf_fast_C.gae_fwd.default(rewards, values, mask, cu_seqlens, gamma, lam, whiten)
 
 
 def _triton_forward(rewards, values, mask, cu_seqlens, gamma, lam, whiten):
@@ -186,14 +186,44 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, *, gamma: float = 
         raise ValueError(f"whiten: expected a bool, got {whiten!r}")
 
     dtype = torch.promote_types(rewards.dtype, values.dtype)
-    flat_r = rewards.detach().reshape(-1).to(dtype).contiguous()     # (N,)
-    flat_v = values.detach().reshape(-1).to(dtype).contiguous()      # (N,)
-    flat_m = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1).contiguous()
+    flat_r, flat_v = _flat(rewards, dtype), _flat(values, dtype)  # (N,)
+    flat_m = _flat(mask if mask.dtype == torch.bool else mask != 0, torch.bool)
+    # plain eager mode: no autograd to register, so the backend runs directly (see plain_eager)
+    direct = plain_eager(flat_r, flat_v, flat_m) and (cu_seqlens is None or plain_eager(cu_seqlens))
     if cu_seqlens is None:
-        batch, steps = rewards.shape
-        cu = torch.arange(batch + 1, device=rewards.device, dtype=torch.int64) * steps
+        cu = _padded_offsets(*rewards.shape, rewards.device, keep=direct)
     else:
         cu = cu_seqlens.to(torch.int64).contiguous()
     name = OP.select([flat_r, flat_v], backend)
-    adv, ret = _gae_op(flat_r, flat_v, flat_m, cu, gamma, lam, whiten, name)
+    if direct:
+        adv, ret = OP.impl(name).forward(flat_r, flat_v, flat_m, cu, gamma, lam, whiten)
+    else:
+        adv, ret = _gae_op(flat_r, flat_v, flat_m, cu, gamma, lam, whiten, name)
     return adv.view(rewards.shape), ret.view(rewards.shape)
+
+
+def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` detached as a contiguous (N,) tensor of `dtype`, without a copy or a no-op call where none is needed
+    (each call into ATen costs microseconds, tens of them from cold caches)."""
+    t = t.detach().reshape(-1)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+_PADDED_OFFSETS: dict[tuple, Tensor] = {}
+
+
+def _padded_offsets(batch: int, steps: int, device: torch.device, keep: bool) -> Tensor:
+    """cu_seqlens of the padded form, [0, T, 2T, ..., B T] int64; with `keep` (plain tensors in eager
+    mode, never fake or traced ones) kept per (B, T, device) for the next call (read only)."""
+    key = (batch, steps, device)
+    cu = _PADDED_OFFSETS.get(key) if keep else None
+    if cu is None:
+        if not keep:
+            return torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
+        if len(_PADDED_OFFSETS) >= 64:
+            _PADDED_OFFSETS.clear()
+        cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
+        _PADDED_OFFSETS[key] = cu
+    return cu

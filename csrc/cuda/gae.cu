@@ -4,7 +4,7 @@
 // Shapes: rewards, values (N,) float32 / bfloat16 / float16 (one dtype), mask (N,) bool, cu_seqlens
 // (S+1,) int64 (values checked by the Python layer), all contiguous; advantages, returns (N,) fp32.
 // The recursion, its affine-map form and the whitening moments are rlhf_fast/gae_math.h, shared with
-// the CPU kernel.
+// the CPU kernel's portable build (its SIMD builds scan blocks of positions inside a register).
 //
 // Cost model: the Python loop trainers write launches ~8 kernels per time step (16K launches at
 // T = 2048, ~100 ms of launch latency); here one launch reads rewards, values and mask once and
@@ -19,7 +19,7 @@
 //      and all later lanes' maps (5 floats per map, 5 shuffle steps);
 //   3. the map of lane l + 1 applied to the carry entering the chunk is the carry entering lane l's
 //      last position, from which the lane walks its positions with gae::step -- the sequential form
-//      the CPU kernel runs -- and writes advantages and returns;
+//      of the recursion -- and writes advantages and returns;
 //   4. lane 0's scanned map applied to the chunk's carry is the next chunk's carry.
 // Whitening: each lane folds its valid advantages into Welford moments (gae::push); the warp merges
 // them (gae::merge over a shuffle butterfly) into one (count, mean, M2) per sequence; one block merges

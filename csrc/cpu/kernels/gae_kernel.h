@@ -35,11 +35,12 @@
 // sequences in sequence order (deterministic whatever the thread count), then one pass over the
 // advantages.
 //
-// Threads: one task per kGaeGrain positions at least. A helper thread must be woken, which costs tens
-// of microseconds on an idle core and a scheduler time slice on a busy one: measured at (256, 2048)
-// while another process kept the second core busy, two threads took 7 ms against 0.3 ms for one.
-// The walk is memory-bound (~0.3-0.6 ms per million positions from DRAM, one thread), so below ~1M
-// positions one thread is both faster and steadier.
+// Threads: a helper thread must be woken, which costs tens of microseconds on an idle core and a
+// scheduler time slice on a busy one: measured at (256, 2048) while another process kept the second
+// core busy, at::parallel_for over two threads took 7 ms against 0.3 ms for one thread, because its
+// barrier waits for the late thread. The walk therefore runs on claim_parallel: the calling thread
+// starts at once and a helper that is late finds nothing left to do. The whitening pass, a plain
+// element-wise loop, takes one task per kGaeGrain positions.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -47,6 +48,7 @@
 
 #include <rlhf_fast/gae_math.h>
 
+#include "claim_parallel.h"
 #include "gae.h"
 #include "register_kernel.h"
 #include "vec_utils.h"
@@ -58,8 +60,12 @@
 namespace rlhf_fast::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Positions per parallel task, at least (see "Threads" above).
+// Positions per parallel task of the whitening pass, at least (see "Threads" above).
 constexpr int64_t kGaeGrain = int64_t{1} << 20;
+// The walk: chunks of this many positions (whole sequences), claimed by the caller and helper threads
+// (claim_parallel.h) from inputs of kGaeThreadsMin positions up; one thread below.
+constexpr int64_t kGaeChunk = int64_t{1} << 16;
+constexpr int64_t kGaeThreadsMin = int64_t{1} << 17;
 // Positions whose whitening sums are added in fp32 SIMD lanes before they are added in fp64.
 constexpr int64_t kGaeBlock = 2048;
 // Outputs of at least this many positions each (1 MB, a core's L2) are written with streaming stores
@@ -401,12 +407,19 @@ void gae_fwd_impl(const at::Tensor& rewards, const at::Tensor& values, const at:
   gae::Moments<double>* mom = moments.data();
 
   const int64_t mean_len = std::max<int64_t>(1, total / std::max<int64_t>(n_seq, 1));
-  const int64_t grain = std::max<int64_t>(4, kGaeGrain / mean_len);  // sequences per task, at least
+  const int64_t per_chunk = std::max<int64_t>(4, kGaeChunk / mean_len);  // sequences per chunk, at least
+  const int64_t n_chunks = (n_seq + per_chunk - 1) / per_chunk;
   const GaeArrays<T> x{r, v, reinterpret_cast<const uint8_t*>(m), adv, ret};
   const auto walk = [&](auto stores) {
-    at::parallel_for(0, n_seq, grain, [&](int64_t begin, int64_t end) {
+    const auto chunk = [&](int64_t c) {
+      const int64_t begin = c * per_chunk, end = std::min(n_seq, begin + per_chunk);
       gae_sequences<T, decltype(stores)::value>(x, m, cu, begin, end, gamma, gamma_lam, whiten ? mom : nullptr);
-    });
+    };
+    if (total < kGaeThreadsMin) {
+      for (int64_t c = 0; c < n_chunks; ++c) chunk(c);
+    } else {
+      claim_parallel(n_chunks, chunk);
+    }
   };
   // Streaming stores for large outputs aligned to whole blocks; the advantages stay in cache when the
   // whitening pass reads them again.

@@ -9,9 +9,11 @@ cu_seqlens (S+1,) int64; the padded form (B, T) is the packed form with cu_seqle
 Cost model, (B, T) = (256, 2048): the Python loop trainers write (reference.gae_loop_ref) launches
 ~8 small kernels per time step, T * 8 = 16K launches whatever B is: ~100 ms on a CPU, ~100 ms of
 launch latency on a GPU. The kernels read rewards, values and mask once and write advantages and
-returns once (9 + 2b bytes a token for b-byte inputs, 4.7 MB here): one task per sequence on CPU, one
-warp (CUDA) or one program (Triton) per sequence on GPU, the recursion as a parallel scan of affine
-maps inside it (rlhf_fast/gae_math.h). Whitening adds one read and one write of the advantages.
+returns once (9 + 2b bytes a token for b-byte inputs, 4.7 MB here): on CPU each sequence walked
+backward in SIMD blocks scanned inside a register (csrc/cpu/kernels/gae_kernel.h), one warp (CUDA) or
+one program (Triton) per sequence on GPU, the recursion as a parallel scan of affine maps inside it
+(rlhf_fast/gae_math.h). In eager mode the public function calls the backend without the custom op's
+wrapper (backends.plain_eager): from cold caches that wrapper was a fifth of the call. Whitening adds one read and one write of the advantages.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ to fp32 rounding: loss, statistics and the gradients of hidden, ptx_hidden and w
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import CPU_BACKENDS
@@ -169,6 +171,49 @@ def test_low_precision_equals_composition(backend, dtype):
     for name, got, ref_leaf in zip(("hidden", "weight", "bias", "ptx_hidden"), leaves, wide, strict=True):
         assert got.grad.dtype == dtype, name
         assert_close(got.grad.float(), ref_leaf.grad.to(dtype).float(), f"grad_{name}", atol=1e-2, rtol=2e-2)
+
+
+def test_block_rule():
+    """Row blocks: at most a quarter of the rows (the block buffer's bound against eager's (N, V)
+    tensors), at most 64 MB of logits, except that cpu blocks get at least MIN_TILE_ROWS rows."""
+    from rlhf_fast.ops.linear_ppo_loss import MIN_TILE_ROWS, TILE_ELEMS, block_rows
+
+    for n, vocab in ((1, 10), (41, 500), (2048, 8192), (2048, 32768), (2048, 65536), (8192, 128256)):
+        for backend in ("cpu", "cuda", "torch"):
+            rows = block_rows(n, vocab, backend)
+            assert 1 <= rows <= -(-n // 4), (n, vocab, backend)
+            if backend == "cpu":
+                assert rows >= min(MIN_TILE_ROWS, -(-n // 4))
+            else:
+                assert rows <= max(1, TILE_ELEMS // vocab)
+    assert block_rows(2048, 65536, "cpu") == 512  # 64 MB alone: 256 rows
+    assert block_rows(2048, 65536, "cuda") == 256
+    assert block_rows(16384, 8192, "cpu") == TILE_ELEMS // 8192
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_blocks_and_chunks_equal_composition(backend, dtype, monkeypatch):
+    """Several row blocks over a vocabulary longer than the cpu policy's 16-bit chunk (2048 rows):
+    fp32 weights run whole-vocabulary GEMMs per block, 16-bit ones three widened chunks."""
+    mod = importlib.import_module("rlhf_fast.ops.linear_ppo_loss")
+    vocab = 4500
+    monkeypatch.setattr(mod, "MIN_TILE_ROWS", 8)
+    monkeypatch.setattr(mod, "TILE_ELEMS", 8 * vocab)  # blocks of 8 rows: 6 of them for 41 rows
+    hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels = make(vocab=vocab, dtype=dtype)
+    labels[0, :3] = torch.tensor([0, vocab - 1, 2048])  # first / last column, first column of a chunk
+    config = CONFIGS[1]
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, ptx_hidden)]
+    loss, _ = rlhf_fast.linear_ppo_loss(leaves[0], leaves[1], labels, old, adv, mask, ref_logprobs=ref,
+                                        ptx_hidden=leaves[2], ptx_labels=ptx_labels, backend=backend, **config)
+    (loss * 1.7).backward()
+    wide = [x.float().requires_grad_(True) for x in (hidden, weight, ptx_hidden)]
+    want = composed(wide[0], wide[1], labels, mask, old, adv, ref, wide[2], ptx_labels, **config)
+    (want * 1.7).backward()
+    assert_close(loss.detach(), want.detach(), "loss", **TOL)
+    tol = TOL if dtype == torch.float32 else dict(atol=1e-2, rtol=2e-2)
+    for name, got, ref_leaf in zip(("hidden", "weight", "ptx_hidden"), leaves, wide, strict=True):
+        assert_close(got.grad.float(), ref_leaf.grad.to(dtype).float(), f"grad_{name}", **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,7 @@
 //
 // Rows are processed in blocks that span the whole vocabulary: a block's logits (rows x V fp32, at
 // most `tile_rows` rows) are computed and folded (online logsumexp, entropy, label logit) one
-// vocabulary chunk of Tiles::kChunk rows of the weight at a time, and -- the block's log-probs being
+// vocabulary chunk of the weight at a time (chunk_cols below: on CPU the whole vocabulary for fp32), and -- the block's log-probs being
 // final -- turned into dL/dlogits in place and contracted into grad_hidden and grad_weight by two
 // more GEMMs per chunk. 3 GEMMs per row instead of the 4 of linear_logprobs' forward + backward
 // (which must recompute the logits because its upstream gradient is unknown in the forward), with
@@ -16,7 +16,9 @@
 //   Tiles::matmul(out, a, b, beta)   out = beta * out + a @ b
 //   Tiles::fold(...)  Tiles::grad(...)   the two passes over a logits tile
 // and
-//   Tiles::kChunk                    vocabulary rows per GEMM
+//   Tiles::kChunk                    vocabulary rows per GEMM, or, where the policy has it,
+//   Tiles::chunk_cols(vocab, widen)  the vocabulary rows per GEMM for this call (widen: 16-bit weights,
+//                                    widened to fp32 one chunk at a time)
 //   Tiles::empty_f32(sizes, like)    an uninitialised fp32 buffer on like's device (the logits block
 //                                    and the fp32 weight gradient: huge pages on CPU)
 //   Tiles::rows(block, params, kl_estimator, sums)
@@ -143,6 +145,16 @@ void with_estimator(int64_t kl_estimator, Fn&& fn) {
   }
 }
 
+// Vocabulary rows per GEMM: the policy's chunk_cols(vocab, widen) where it has one, else kChunk.
+template <typename Tiles>
+int64_t chunk_cols(int64_t vocab, bool widen) {
+  if constexpr (requires { Tiles::chunk_cols(vocab, widen); }) {
+    return std::clamp<int64_t>(Tiles::chunk_cols(vocab, widen), 1, vocab);
+  } else {
+    return std::min<int64_t>(Tiles::kChunk, vocab);
+  }
+}
+
 // rlhf_fast_C::linear_ppo_loss_fwd (schema in csrc/cpu/linear_ppo_loss.cpp) on the policy's device.
 template <typename Tiles>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
@@ -185,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   if (na > 0) {
     const at::Tensor h32 = hidden.index_select(0, idx).to(at::kFloat).contiguous();
     const bool widen = weight.scalar_type() != at::kFloat;
-    const int64_t chunk = std::min<int64_t>(Tiles::kChunk, vocab);
+    const int64_t chunk = chunk_cols<Tiles>(vocab, widen);
     at::Tensor wbuf = widen ? at::empty({chunk, weight.size(1)}, f32) : at::Tensor();
     // fp32 rows [c0, c0 + vc) of the weight
     auto weight_chunk = [&](int64_t c0, int64_t vc) {

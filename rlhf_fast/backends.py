@@ -115,7 +115,7 @@ class OpRegistry:
     name: str
     impls: dict[str, OpImpl] = field(default_factory=dict)
     # select()'s answers for ops whose backends have no shape limits: they depend only on the request,
-    # the environment variables, the device and the dtypes (availability is fixed for the process)
+    # the environment variables, whether rlhf_fast._C loaded, the device and the dtypes
     _chosen: dict[tuple, str] = field(default_factory=dict, repr=False)
     _has_limits: bool = field(default=False, repr=False)
 
@@ -148,7 +148,8 @@ class OpRegistry:
         if self._has_limits:
             return self._select(tensors, backend)
         env = os.environ
-        key = (backend, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), tensors[0].device, *(t.dtype for t in tensors))
+        key = (backend, env.get(ENV_VAR), env.get("TRITON_INTERPRET"), _native.has_native(), tensors[0].device,
+               *(t.dtype for t in tensors))
         name = self._chosen.get(key)
         if name is None:
             name = self._chosen[key] = self._select(tensors, backend)  # an error is raised, never kept

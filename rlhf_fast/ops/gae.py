@@ -13,7 +13,8 @@ returns once (9 + 2b bytes a token for b-byte inputs, 4.7 MB here): on CPU each 
 backward in SIMD blocks scanned inside a register (csrc/cpu/kernels/gae_kernel.h), one warp (CUDA) or
 one program (Triton) per sequence on GPU, the recursion as a parallel scan of affine maps inside it
 (rlhf_fast/gae_math.h). In eager mode the public function calls the backend without the custom op's
-wrapper (backends.plain_eager): from cold caches that wrapper was a fifth of the call. Whitening adds one read and one write of the advantages.
+wrapper (backends.plain_eager): from cold caches that wrapper was a fifth of the call. Whitening adds
+one read and one write of the advantages.
 """
 
 from __future__ import annotations

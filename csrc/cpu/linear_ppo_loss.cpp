@@ -49,17 +49,6 @@ struct CpuPpoTiles : CpuTiles {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-    const at::Tensor& row_weight, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& ref_logprobs, int64_t n_policy, double kl_coef, int64_t kl_estimator,
-    double entropy_coef, double clip_low, double clip_high, double dual_clip, double temperature, int64_t ignore_index,
-    bool compute_grad, int64_t tile_rows) {
-  return linear_ppo::forward<CpuPpoTiles>(hidden, weight, bias, labels, row_weight, old_logprobs, advantages,
-                                          ref_logprobs, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low,
-                                          clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
@@ -72,6 +61,6 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
         "int tile_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) { m.impl("linear_ppo_loss_fwd", &linear_ppo_loss_fwd_cpu); }
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) { m.impl("linear_ppo_loss_fwd", &linear_ppo::forward<CpuPpoTiles>); }
 
 }  // namespace rlhf_fast::cpu

@@ -21,27 +21,39 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-# Scale-out fields, the same in every stage (rlhf_fast/pipeline/distributed.py).
+# Scale-out fields, the same in every stage (rlhf_fast/pipeline/distributed.py): name -> (type, default, help).
 _SCALE = {
-    "distributed": ("none", "'none': one process; 'ddp': DistributedDataParallel; 'fsdp': FSDP2 fully_shard per "
-                            "decoder layer + root, sharded checkpoints. Several processes: launch with torchrun "
-                            "(NCCL on GPU, gloo on CPU); batch sizes are global, shared out by rank"),
-    "grad_accum": (1, "micro-batches per optimizer step: each rank's share of the global batch is split in this "
-                      "many, every loss normalised by the global count (the gradient of one batch)"),
-    "gradient_checkpointing": (False, "recompute each decoder layer's activations in the backward (less memory)"),
-    "precision": ("auto", "'auto' (bf16 autocast on GPU, with FSDP2 bf16 parameters and fp32 gradient reduction; "
-                          "fp32 on CPU), 'fp32' or 'bf16'"),
-    "lora_r": (0, "LoRA rank (peft) of the trained model(s); 0: train every weight"),
-    "lora_alpha": (16.0, "LoRA alpha (the update is scaled by alpha / r)"),
-    "lora_dropout": (0.0, "dropout on the LoRA branch"),
-    "lora_target_modules": ([], "module names that get LoRA adapters (empty: every linear layer but the output "
-                                "head, peft's 'all-linear')"),
+    "distributed": ("str", "none", "'none': one process; 'ddp': DistributedDataParallel; 'fsdp': FSDP2 fully_shard "
+                                   "per decoder layer + root, sharded checkpoints. Several processes: launch with "
+                                   "torchrun (NCCL on GPU, gloo on CPU); batch sizes are global, shared out by rank"),
+    "grad_accum": ("int", 1, "micro-batches per optimizer step: each rank's share of the global batch is split in "
+                             "this many, every loss normalised by the global count (the gradient of one batch)"),
+    "gradient_checkpointing": ("bool", False, "recompute each decoder layer's activations in the backward (less "
+                                              "memory)"),
+    "precision": ("str", "auto", "'auto' (bf16 autocast on GPU, with FSDP2 bf16 parameters and fp32 gradient "
+                                 "reduction; fp32 on CPU), 'fp32' or 'bf16'"),
+    "lora_r": ("int", 0, "LoRA rank (peft) of the trained model(s); 0: train every weight"),
+    "lora_alpha": ("float", 16.0, "LoRA alpha (the update is scaled by alpha / r)"),
+    "lora_dropout": ("float", 0.0, "dropout on the LoRA branch"),
+    "lora_target_modules": ("list", [], "module names that get LoRA adapters (empty: every linear layer but the "
+                                        "output head, peft's 'all-linear')"),
 }
 
 
 def _scale(name: str):
-    default, help_text = _SCALE[name]
+    _, default, help_text = _SCALE[name]
     return _f(default, help_text)
+
+
+def _scale_out(**help_texts):
+    """Class decorator, under ``@dataclass``: appends every scale-out field of _SCALE after the class's own
+    fields, with the help texts given here in place of the shared ones."""
+    def add(cls):
+        for name, (type_name, default, help_text) in _SCALE.items():
+            cls.__annotations__[name] = type_name
+            setattr(cls, name, _f(default, help_texts.get(name, help_text)))
+        return cls
+    return add
 
 
 @dataclass
@@ -78,6 +90,7 @@ class ModelConfig:
 
 
 @dataclass
+@_scale_out()
 class SFTConfig:
     """Supervised fine-tuning on {"prompt", "response"} pairs (loss on response tokens only)."""
 
@@ -100,17 +113,10 @@ class SFTConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
-    distributed: str = _scale("distributed")
-    grad_accum: int = _scale("grad_accum")
-    gradient_checkpointing: bool = _scale("gradient_checkpointing")
-    precision: str = _scale("precision")
-    lora_r: int = _scale("lora_r")
-    lora_alpha: float = _scale("lora_alpha")
-    lora_dropout: float = _scale("lora_dropout")
-    lora_target_modules: list = _scale("lora_target_modules")
 
 
 @dataclass
+@_scale_out()
 class RMConfig:
     """Reward model: the SFT network with a scalar head, trained with the K-wise ranking loss."""
 
@@ -139,17 +145,12 @@ class RMConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
-    distributed: str = _scale("distributed")
-    grad_accum: int = _scale("grad_accum")
-    gradient_checkpointing: bool = _scale("gradient_checkpointing")
-    precision: str = _scale("precision")
-    lora_r: int = _scale("lora_r")
-    lora_alpha: float = _scale("lora_alpha")
-    lora_dropout: float = _scale("lora_dropout")
-    lora_target_modules: list = _scale("lora_target_modules")
 
 
 @dataclass
+@_scale_out(lora_r="LoRA rank (peft) of actor and critic; 0: train every weight. With LoRA the reference policy is "
+                   "the actor with its adapter disabled and the reward model the critic with its adapter disabled: "
+                   "one copy of each network")
 class PPOConfig:
     """PPO-ptx: actor from SFT, frozen reference = SFT, critic from the RM, reward = RM - beta * KL."""
 
@@ -196,16 +197,6 @@ class PPOConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many iterations (0: only at the end)")
     resume: bool = _f(False, "continue from the last checkpoint in output_dir")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
-    distributed: str = _scale("distributed")
-    grad_accum: int = _scale("grad_accum")
-    gradient_checkpointing: bool = _scale("gradient_checkpointing")
-    precision: str = _scale("precision")
-    lora_r: int = _f(0, "LoRA rank (peft) of actor and critic; 0: train every weight. With LoRA the reference "
-                        "policy is the actor with its adapter disabled and the reward model the critic with its "
-                        "adapter disabled: one copy of each network")
-    lora_alpha: float = _scale("lora_alpha")
-    lora_dropout: float = _scale("lora_dropout")
-    lora_target_modules: list = _scale("lora_target_modules")
 
 
 @dataclass

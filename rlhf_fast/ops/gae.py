@@ -223,10 +223,9 @@ def _padded_offsets(batch: int, steps: int, device: torch.device, keep: bool) ->
     key = (batch, steps, device)
     cu = _PADDED_OFFSETS.get(key) if keep else None
     if cu is None:
-        if not keep:
-            return torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
-        if len(_PADDED_OFFSETS) >= 64:
-            _PADDED_OFFSETS.clear()
         cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
-        _PADDED_OFFSETS[key] = cu
+        if keep:
+            if len(_PADDED_OFFSETS) >= 64:
+                _PADDED_OFFSETS.clear()
+            _PADDED_OFFSETS[key] = cu
     return cu

@@ -85,6 +85,8 @@ assert rlhf_fast.select_backend("gather_logprobs", torch.randn(2, 3)) == "torch"
 x = torch.randn(2, 5, requires_grad=True)
 rlhf_fast.gather_logprobs(x, torch.tensor([1, 4])).sum().backward()
 assert x.grad is not None
+adv, ret = rlhf_fast.gae(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool))
+assert adv.shape == (2, 3) and rlhf_fast.select_backend("gae", adv.reshape(-1), ret.reshape(-1)) == "torch"
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "RLHF_FAST_BACKEND"}

@@ -6,6 +6,7 @@
 #include <rlhf_fast/gae_math.h>
 
 #include "hugepage_alloc.h"
+#include "gae.h"
 #include "kernels/gae.h"
 
 namespace rlhf_fast::cpu {
@@ -27,6 +28,23 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd_cpu(const at::Tensor& rewards, const 
   at::Tensor advantages = empty_hugepage({total}, at::kFloat), returns = empty_hugepage({total}, at::kFloat);
   if (total == 0) return {advantages, returns};
   gae_fwd_stub()()(rewards, values, mask, cu_seqlens, float(gamma), float(lam), whiten, advantages, returns);
+  return {advantages, returns};
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_padded_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                                  const at::Tensor& mask, double gamma, double lam, bool whiten) {
+  RLHF_FAST_CHECK(rewards.dim() == 2, "rewards: expected a 2-D (B, T) tensor, got shape ", rewards.sizes());
+  const int64_t batch = rewards.size(0), steps = rewards.size(1);
+  at::Tensor cu_seqlens = at::empty({batch + 1}, at::kLong);
+  int64_t* cu = cu_seqlens.mutable_data_ptr<int64_t>();
+  for (int64_t s = 0; s <= batch; ++s) cu[s] = s * steps;
+  const auto flat = [](const at::Tensor& t) { return t.view({-1}); };  // view() rejects a non-viewable layout
+  check_gae_fwd(flat(rewards), flat(values), flat(mask), cu_seqlens, gamma, lam);
+  at::Tensor advantages = empty_hugepage({batch, steps}, at::kFloat), returns = empty_hugepage({batch, steps}, at::kFloat);
+  if (batch * steps == 0) return {advantages, returns};
+  at::Tensor adv_flat = flat(advantages), ret_flat = flat(returns);
+  gae_fwd_stub()()(flat(rewards), flat(values), flat(mask), cu_seqlens, float(gamma), float(lam), whiten, adv_flat,
+                   ret_flat);
   return {advantages, returns};
 }
 

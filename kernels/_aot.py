@@ -434,7 +434,7 @@ def _demangle(names: list[str]) -> list[str]:
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
     if len(out) != len(names):
         return list(names)
-    return [re.sub(r"^void |\(.*\)$", "", re.sub(r"rlhf_fast::cuda::\(anonymous namespace\)::", "", n)) for n in out]
+    return [re.sub(r"^void |\(.*\)$", "", re.sub(r"rlhf_fast::cuda::(\(anonymous namespace\)::)?", "", n)) for n in out]
 
 
 def _split_functions(sass: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from rlhf_fast.kernels._aot import _demangle
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -94,21 +95,6 @@ def parse_ptxas(output):
     return kernels
 
 
-def demangle(names):
-    """Readable kernel names (c++filt from binutils; the mangled name if it is missing)."""
-    cxxfilt = shutil.which("c++filt")
-    if cxxfilt is None:
-        return list(names)
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    if len(out) != len(names):
-        return list(names)
-    short = []
-    for name in out:
-        name = re.sub(r"rlhf_fast::cuda::\(anonymous namespace\)::", "", name)
-        short.append(re.sub(r"^void |\(.*\)$", "", name))
-    return short
-
-
 _BUILDS = {}
 
 
@@ -169,7 +155,7 @@ def test_every_kernel_is_built_for_every_arch(build):
 def test_no_register_spills(build):
     assert build.returncode == 0, "nvcc failed, see test_nvcc_compiles"
     assert build.kernels, "no ptxas report in nvcc's output:\n" + build.output[-3000:]
-    names = demangle([k.mangled for k in build.kernels])
+    names = _demangle([k.mangled for k in build.kernels])
     width = max(len(n) for n in names)
     print(f"\n{'kernel':<{width}}  arch   regs  stack  spill st/ld")
     for name, k in sorted(zip(names, build.kernels, strict=True), key=lambda nk: (nk[1].arch, nk[0])):

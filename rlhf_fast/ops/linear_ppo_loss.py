@@ -125,18 +125,10 @@ def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_pol
                                  ignore_index, compute_grad)
 
 
-def _triton_limits(rows, weight, *rest) -> list[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("rlhf_fast.kernels.linear_ppo_loss") is None:
-        return ["the Triton kernels of linear_ppo_loss are not available in this build"]
-    return []
-
-
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
 OP.register("cuda", _native_forward)
-OP.register("triton", _triton_forward, limits=_triton_limits)
+OP.register("triton", _triton_forward)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,9 +159,9 @@ def test_packed_lengths_and_sparse_masks(backend, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_large_batches(backend):
-    """Padded (64, 4100) and its packed form: more than 2^18 positions, from where the CPU kernel
-    writes its outputs with streaming stores (both outputs raw, the returns only when whitening);
-    rows end off the kernel's block boundaries."""
+    """Padded (96, 4100) and its packed form: more than 2^18 positions, from where the CPU kernel
+    shares the walk with a helper thread and writes its outputs with streaming stores (both outputs
+    raw, the returns only when whitening); rows end off the kernel's block boundaries."""
     if backend == "triton":
         pytest.skip("the Triton interpreter scans element by element in Python: minutes at 260K tokens")
     rewards, values, mask = make_batch(96, 4100, hole_frac=0.1, seed=14)

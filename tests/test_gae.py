@@ -321,8 +321,9 @@ def plain_cpu_calls(monkeypatch):
 @pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whiten"])
 def test_one_call_cpu_path_equals_the_custom_op_path(dtype, whiten, plain_cpu_calls, monkeypatch):
     """The plain CPU case runs in one call into C++; it returns what the validated custom-op path
-    returns, bit for bit, padded and packed."""
-    rewards, values, mask = make_batch(5, 300, dtype, seed=13)
+    returns, bit for bit, padded and packed (inputs that start inside their storage)."""
+    rewards, values, mask = (t[1:] for t in make_batch(6, 301, dtype, seed=13))
+    assert rewards.is_contiguous() and rewards.storage_offset() > 0
     pr, pv, pm, cu, _ = pack(rewards, values, mask)
     for args, kw in (((rewards, values, mask), {}), ((pr, pv, pm), dict(cu_seqlens=cu))):
         fast = rlhf_fast.gae(*args, gamma=0.99, lam=0.95, whiten=whiten, **kw)

@@ -9,58 +9,31 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import DTYPES, GRAD_TOL, OUT_TOL, assert_close
+from loss_helpers import check_empty_inputs, check_loss_result, check_split_batch, masked_inputs, run_op_and_ref
 
 import rlhf_fast
 from rlhf_fast.ops._aggregation import AGGREGATIONS
 from rlhf_fast.reference import PPO_POLICY_STATS, ppo_policy_loss_ref, ppo_policy_loss_terms_ref
 
-# Gradients of the loss are w * (-A r): the per-token values are O(1) times 1 / (number of tokens),
-# so an absolute tolerance relative to that scale is what "one rounding of the dtype" means here.
-LOSS_TOL = dict(atol=1e-6, rtol=2e-5)
-
 
 def make_inputs(shape, dtype, *, log_ratio_scale=0.3, mask_kind="bool", masked_rows=(1,), seed_garbage=True):
     """(logprobs, old_logprobs, advantages, mask) with ratios on both sides of the clip range, some
     fully masked rows, and inf/NaN garbage at masked positions (which must never matter)."""
-    n_rows, n_cols = shape
     lp = (torch.randn(shape) * 0.5 - 1.5).to(dtype)
     old = (lp.float() + torch.randn(shape) * log_ratio_scale).to(dtype)
     adv = torch.randn(shape).to(dtype)
-    keep = torch.rand(shape) < 0.75
-    for r in masked_rows:
-        if r < n_rows:
-            keep[r] = False
-    if seed_garbage and n_cols > 3:
-        lp[~keep] = float("nan")
-        old[~keep] = float("-inf")
-        adv[~keep] = float("inf")
-    mask = keep if mask_kind == "bool" else keep.to(torch.float32)
-    return lp, old, adv, mask
+    return masked_inputs((lp, old, adv), (float("nan"), float("-inf"), float("inf")), masked_rows=masked_rows,
+                         mask_kind=mask_kind, seed_garbage=seed_garbage)
 
 
 def run_both(inputs, backend, grad_scale=1.7, **kw):
     """((loss, stats, grad) of the op, the same of the reference), with upstream gradient grad_scale."""
-    lp, old, adv, mask = inputs
-    out = []
-    for fn in (lambda *a, **k: rlhf_fast.ppo_policy_loss(*a, **k, backend=backend), ppo_policy_loss_ref):
-        x = lp.detach().clone().requires_grad_(True)
-        loss, stats = fn(x, old, adv, mask, **kw)
-        (g,) = torch.autograd.grad(loss * grad_scale, x)
-        out.append((loss.detach(), torch.stack([stats[k] for k in PPO_POLICY_STATS]), g))
-    return out
+    op = lambda *a, **k: rlhf_fast.ppo_policy_loss(*a, **k, backend=backend)
+    return run_op_and_ref(op, ppo_policy_loss_ref, PPO_POLICY_STATS, inputs, grad_scale, **kw)
 
 
 def check(result, dtype, what=""):
-    (loss, stats, g), (loss_r, stats_r, g_r) = result
-    assert loss.dtype == torch.float32 and loss.shape == () and stats.dtype == torch.float32
-    assert_close(loss, loss_r, f"loss{what}", **LOSS_TOL)
-    for name, s, s_r in zip(PPO_POLICY_STATS, stats, stats_r, strict=True):
-        assert_close(s, s_r, f"{name}{what}", **OUT_TOL)
-    assert g.dtype == dtype
-    assert not g.isnan().any(), f"grad{what}: NaN"
-    scale = g_r.float().abs().max().item() + 1e-30
-    tol = GRAD_TOL[dtype]
-    assert_close(g, g_r, f"grad{what}", atol=max(tol["atol"], 1e-6 * scale), rtol=tol["rtol"])
+    check_loss_result(result, dtype, PPO_POLICY_STATS, what)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -117,28 +90,8 @@ def test_extreme_log_ratios(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_split_batch_with_num_items_matches_full_batch(backend, aggregation):
-    """Micro-batches (uneven, one of them fully masked) with num_items = the global count sum to the
-    full-batch loss, with the full-batch gradient (gradient accumulation / data parallelism)."""
-    lp, old, adv, mask = make_inputs((9, 40), torch.float32, masked_rows=(4, 5))
-    x = lp.clone().requires_grad_(True)
-    full, _ = rlhf_fast.ppo_policy_loss(x, old, adv, mask, aggregation=aggregation, backend=backend)
-    full.backward()
-    if aggregation == "token-mean":
-        count = mask.sum()                       # valid tokens
-    elif aggregation == "seq-mean-token-mean":
-        count = (mask.sum(-1) > 0).sum()         # sequences with a valid token
-    else:
-        count = torch.tensor(mask.shape[0])      # sequences
-    y = lp.clone().requires_grad_(True)
-    total = 0
-    for i, rows in enumerate((slice(0, 4), slice(4, 6), slice(6, 9))):
-        items = count if i % 2 == 0 else int(count)  # a 0-dim tensor or an int
-        part, _ = rlhf_fast.ppo_policy_loss(y[rows], old[rows], adv[rows], mask[rows], aggregation=aggregation,
-                                            num_items=items, backend=backend)
-        part.backward()
-        total = total + part.detach()
-    assert_close(total, full, "summed micro-batch losses", atol=1e-6, rtol=1e-5)
-    assert_close(y.grad, x.grad, "accumulated gradient", atol=1e-8, rtol=1e-5)
+    inputs = make_inputs((9, 40), torch.float32, masked_rows=(4, 5))
+    check_split_batch(lambda *a, **k: rlhf_fast.ppo_policy_loss(*a, **k, backend=backend), inputs, aggregation)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -209,12 +162,7 @@ def test_no_grad_path_stats_detached_inputs_untouched(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_inputs(backend):
-    for shape in [(0, 5), (3, 0)]:
-        x = torch.randn(shape, requires_grad=True)
-        loss, stats = rlhf_fast.ppo_policy_loss(x, torch.randn(shape), torch.randn(shape),
-                                                torch.ones(shape, dtype=torch.bool), backend=backend)
-        loss.backward()
-        assert loss.item() == 0.0 and all(s.item() == 0.0 for s in stats.values()) and x.grad.shape == shape
+    check_empty_inputs(lambda *a: rlhf_fast.ppo_policy_loss(*a, backend=backend))
 
 
 def _args(**over):

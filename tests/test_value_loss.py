@@ -9,54 +9,30 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import DTYPES, GRAD_TOL, OUT_TOL, assert_close
+from loss_helpers import check_empty_inputs, check_loss_result, check_split_batch, masked_inputs, run_op_and_ref
 
 import rlhf_fast
 from rlhf_fast.ops._aggregation import AGGREGATIONS
 from rlhf_fast.reference import VALUE_STATS, value_loss_ref, value_loss_terms_ref
 
-LOSS_TOL = dict(atol=1e-6, rtol=2e-5)
-
 
 def make_inputs(shape, dtype, *, mask_kind="bool", masked_rows=(1,), offset=0.0, seed_garbage=True):
     """(values, old_values, returns, mask): predictions inside and outside the clip range of the old
     ones, returns around `offset`, fully masked rows and inf/NaN garbage at masked positions."""
-    n_rows, n_cols = shape
     old = (torch.randn(shape) + offset).to(dtype)
     values = (old.float() + torch.randn(shape) * 0.3).to(dtype)
     returns = (old.float() + torch.randn(shape)).to(dtype)
-    keep = torch.rand(shape) < 0.75
-    for r in masked_rows:
-        if r < n_rows:
-            keep[r] = False
-    if seed_garbage and n_cols > 3:
-        values[~keep] = float("nan")
-        old[~keep] = float("inf")
-        returns[~keep] = float("-inf")
-    mask = keep if mask_kind == "bool" else keep.to(torch.float32)
-    return values, old, returns, mask
+    return masked_inputs((values, old, returns), (float("nan"), float("inf"), float("-inf")),
+                         masked_rows=masked_rows, mask_kind=mask_kind, seed_garbage=seed_garbage)
 
 
 def run_both(inputs, backend, grad_scale=0.7, **kw):
-    v, old, ret, mask = inputs
-    out = []
-    for fn in (lambda *a, **k: rlhf_fast.value_loss(*a, **k, backend=backend), value_loss_ref):
-        x = v.detach().clone().requires_grad_(True)
-        loss, stats = fn(x, old, ret, mask, **kw)
-        (g,) = torch.autograd.grad(loss * grad_scale, x)
-        out.append((loss.detach(), torch.stack([stats[k] for k in VALUE_STATS]), g))
-    return out
+    op = lambda *a, **k: rlhf_fast.value_loss(*a, **k, backend=backend)
+    return run_op_and_ref(op, value_loss_ref, VALUE_STATS, inputs, grad_scale, **kw)
 
 
 def check(result, dtype, what="", stats_tol=OUT_TOL):
-    (loss, stats, g), (loss_r, stats_r, g_r) = result
-    assert loss.dtype == torch.float32 and loss.shape == () and stats.dtype == torch.float32
-    assert_close(loss, loss_r, f"loss{what}", **LOSS_TOL)
-    for name, s, s_r in zip(VALUE_STATS, stats, stats_r, strict=True):
-        assert_close(s, s_r, f"{name}{what}", **stats_tol)
-    assert g.dtype == dtype and not g.isnan().any(), f"grad{what}"
-    scale = g_r.float().abs().max().item() + 1e-30
-    tol = GRAD_TOL[dtype]
-    assert_close(g, g_r, f"grad{what}", atol=max(tol["atol"], 1e-6 * scale), rtol=tol["rtol"])
+    check_loss_result(result, dtype, VALUE_STATS, what, stats_tol)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -100,26 +76,8 @@ def test_explained_variance_hard_cases(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_split_batch_with_num_items_matches_full_batch(backend, aggregation):
-    v, old, ret, mask = make_inputs((9, 40), torch.float32, masked_rows=(4, 5))
-    x = v.clone().requires_grad_(True)
-    full, _ = rlhf_fast.value_loss(x, old, ret, mask, aggregation=aggregation, backend=backend)
-    full.backward()
-    if aggregation == "token-mean":
-        count = mask.sum()
-    elif aggregation == "seq-mean-token-mean":
-        count = (mask.sum(-1) > 0).sum()
-    else:
-        count = torch.tensor(mask.shape[0])
-    y = v.clone().requires_grad_(True)
-    total = 0
-    for i, rows in enumerate((slice(0, 4), slice(4, 6), slice(6, 9))):
-        items = count if i % 2 == 0 else int(count)
-        part, _ = rlhf_fast.value_loss(y[rows], old[rows], ret[rows], mask[rows], aggregation=aggregation,
-                                       num_items=items, backend=backend)
-        part.backward()
-        total = total + part.detach()
-    assert_close(total, full, "summed micro-batch losses", atol=1e-6, rtol=1e-5)
-    assert_close(y.grad, x.grad, "accumulated gradient", atol=1e-8, rtol=1e-5)
+    inputs = make_inputs((9, 40), torch.float32, masked_rows=(4, 5))
+    check_split_batch(lambda *a, **k: rlhf_fast.value_loss(*a, **k, backend=backend), inputs, aggregation)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -177,12 +135,7 @@ def test_no_grad_path_stats_detached(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_inputs(backend):
-    for shape in [(0, 5), (3, 0)]:
-        x = torch.randn(shape, requires_grad=True)
-        loss, stats = rlhf_fast.value_loss(x, torch.randn(shape), torch.randn(shape), torch.ones(shape),
-                                           backend=backend)
-        loss.backward()
-        assert loss.item() == 0.0 and all(s.item() == 0.0 for s in stats.values()) and x.grad.shape == shape
+    check_empty_inputs(lambda *a: rlhf_fast.value_loss(*a, backend=backend))
 
 
 def _args(**over):

@@ -34,3 +34,18 @@ def assert_close(actual, expected, what: str, **tol):
             f"first at {idx}: got {actual[idx].item()!r}, expected {expected[idx].item()!r}; "
             f"max abs err {(actual - expected)[finite].abs().max().item():.3e}")
     assert torch.equal(actual[~finite], expected[~finite]), f"{what}: non-finite values differ"
+
+
+def check_under_cpu_capability(cap: str, script: str) -> None:
+    """Runs `script` in a fresh Python with ATEN_CPU_CAPABILITY=cap (how ATen, and rlhf_fast's CPU kernels,
+    choose their SIMD build: "AVX2", "DEFAULT", ...) after checking that build is the one in use; the
+    script must print "ok"."""
+    import os
+    import subprocess
+    import sys
+
+    check = f"import rlhf_fast\nassert rlhf_fast.cpu_capability() == {cap!r}, rlhf_fast.cpu_capability()\n"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
+    out = subprocess.run([sys.executable, "-c", check + script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr

@@ -405,38 +405,80 @@ def step_seed(seed: int, *parts: int) -> int:
     return s
 
 
-def run_steps(trainer, out: Path, log: MetricsLog, desc: str, postfix: tuple[str, ...]) -> float:
-    """The step loop shared by the SFT and reward trainers: resume from the checkpoint in `out` when
-    trainer.config.resume, then trainer.step(trainer.batch_at(i)) until trainer.total_steps, logging
-    every config.log_every steps and checkpointing every config.checkpoint_every. Returns the
-    seconds spent. The trainer provides config, dist, step_count, total_steps, progress, step, batch_at
-    and _ckpt() -> (models, optimizers, schedulers). Progress bar and log on rank 0 only."""
-    import time
+class OneModelTrainer:
+    """What the SFT and reward-model trainers share: one model (``model``, ``tokenizer``) trained by one
+    AdamW and schedule, the step loop with resume, logging and periodic checkpoints, then the final
+    evaluation, checkpoint and Hugging Face export.
 
-    from tqdm.auto import tqdm
+    A subclass sets STAGE (the metrics file and the export's "stage"), DESC and POSTFIX (progress bar
+    label and the stats it shows) and provides config, dist, model, tokenizer, optimizer, scheduler,
+    step_count, total_steps, progress, step(batch) -> stats and batch_at(step); it may add fields to the
+    result (result_fields) and return held-out metrics (final_eval)."""
 
-    from rlhf_fast.pipeline import distributed as D
+    STAGE: str = ""
+    DESC: str = ""
+    POSTFIX: tuple[str, ...] = ("loss",)
 
-    cfg, d = trainer.config, trainer.dist
-    if cfg.resume:
-        st = D.load_checkpoint(d, out, *trainer._ckpt())
-        if st is not None:
-            trainer.step_count = st["step"]
-            log.truncate_after(trainer.step_count)
-    t0 = time.time()
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc=desc,
-               disable=not (trainer.progress and d.is_main), dynamic_ncols=True)
-    while trainer.step_count < trainer.total_steps:
-        stats = trainer.step(trainer.batch_at(trainer.step_count))
-        bar.update(1)
-        if trainer.step_count % cfg.log_every == 0 or trainer.step_count == trainer.total_steps:
-            log.log(trainer.step_count, **stats)
-            bar.set_postfix({k: f"{stats[k]:.3f}" for k in postfix})
-        if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
-                and trainer.step_count < trainer.total_steps:
-            D.save_checkpoint(d, out, *trainer._ckpt(), {"step": trainer.step_count})
-    bar.close()
-    return time.time() - t0
+    def _ckpt(self):
+        return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
+
+    def result_fields(self) -> dict:
+        return {}
+
+    def final_eval(self) -> dict:
+        return {}
+
+    def train(self) -> dict:
+        from rlhf_fast.pipeline import distributed as D
+
+        out = Path(self.config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(out, self.STAGE, enabled=self.dist.is_main)
+        train_time = self._run_steps(out, log)
+        result = {"steps": self.step_count, "train_time_s": train_time, **self.result_fields()}
+        ev = self.final_eval()
+        if ev:
+            result.update(ev)
+            log.log(self.step_count, **ev)
+        log.close()
+        self.save(out / "model")
+        D.save_checkpoint(self.dist, out, *self._ckpt(), {"step": self.step_count, "done": True})
+        return result
+
+    def save(self, path) -> None:
+        """The Hugging Face export (rank 0 writes; LoRA merged; a collective under FSDP)."""
+        from rlhf_fast.pipeline import distributed as D
+
+        D.export_model(self.model, self.tokenizer, path, self.dist, {"stage": self.STAGE, "config": vars(self.config)})
+
+    def _run_steps(self, out: Path, log: MetricsLog) -> float:
+        """Resume from the checkpoint in `out` when config.resume, then step(batch_at(i)) until
+        total_steps, logging every config.log_every steps and checkpointing every
+        config.checkpoint_every. Returns the seconds spent. Progress bar and log on rank 0 only."""
+        from tqdm.auto import tqdm
+
+        from rlhf_fast.pipeline import distributed as D
+
+        cfg, d = self.config, self.dist
+        if cfg.resume:
+            st = D.load_checkpoint(d, out, *self._ckpt())
+            if st is not None:
+                self.step_count = st["step"]
+                log.truncate_after(self.step_count)
+        t0 = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step_count, desc=self.DESC,
+                   disable=not (self.progress and d.is_main), dynamic_ncols=True)
+        while self.step_count < self.total_steps:
+            stats = self.step(self.batch_at(self.step_count))
+            bar.update(1)
+            if self.step_count % cfg.log_every == 0 or self.step_count == self.total_steps:
+                log.log(self.step_count, **stats)
+                bar.set_postfix({k: f"{stats[k]:.3f}" for k in self.POSTFIX})
+            if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0 \
+                    and self.step_count < self.total_steps:
+                D.save_checkpoint(d, out, *self._ckpt(), {"step": self.step_count})
+        bar.close()
+        return time.time() - t0
 
 
 def split_eval(train_data: list, eval_data: list | None, eval_fraction: float, what: str) -> tuple[list, list]:

@@ -8,8 +8,6 @@ packed sequence ``[prompt, answer_1, ..., answer_K]`` (prompt computed once,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
@@ -74,7 +72,7 @@ def prompts_with_pairs(batch) -> int:
     return sum(1 for b in batch if len(set(b[2][: len(b[1])])) > 1)
 
 
-class RewardTrainer:
+class RewardTrainer(C.OneModelTrainer):
     """Trains a reward model on ranked answers.
 
     ``RewardTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "responses", "ranking"}, ...])``;
@@ -86,6 +84,8 @@ class RewardTrainer:
     global batch's prompts (those with a ranked pair): the sum over ranks and micro-batches is the loss
     of the global batch.
     """
+
+    STAGE, DESC, POSTFIX = "rm", "reward model", ("loss", "accuracy")
 
     def __init__(self, config: RMConfig, *, model=None, tokenizer=None, train_data: list[dict] | None = None,
                  eval_data: list[dict] | None = None, progress: bool = True):
@@ -171,25 +171,8 @@ class RewardTrainer:
         model.train()
         return {"eval_loss": tot_loss / len(rows), "eval_accuracy": correct / max(1, pairs)}
 
-    def _ckpt(self):
-        return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
+    def result_fields(self) -> dict:
+        return {"packing": self.packing}
 
-    def train(self) -> dict:
-        cfg = self.config
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        log = C.MetricsLog(out, "rm", enabled=self.dist.is_main)
-        train_time = C.run_steps(self, out, log, "reward model", ("loss", "accuracy"))
-        result = {"steps": self.step_count, "train_time_s": train_time, "packing": self.packing}
-        ev = self.evaluate()
-        if ev:
-            result.update(ev)
-            log.log(self.step_count, **ev)
-        log.close()
-        self.save(out / "model")
-        D.save_checkpoint(self.dist, out, *self._ckpt(), {"step": self.step_count, "done": True})
-        return result
-
-    def save(self, path) -> None:
-        """The Hugging Face export (rank 0 writes; LoRA merged; a collective under FSDP)."""
-        D.export_model(self.model, self.tokenizer, path, self.dist, {"stage": "rm", "config": vars(self.config)})
+    def final_eval(self) -> dict:
+        return self.evaluate()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rlhf_fast.pipeline import common as C
@@ -49,7 +47,7 @@ def encode_lm(encoder: Encoder, rows: list[dict]) -> LMBatch:
     return lm_batch(prompts, responses, encoder.tokenizer.pad_token_id)
 
 
-class SFTTrainer:
+class SFTTrainer(C.OneModelTrainer):
     """Fine-tunes a causal LM on demonstrations.
 
     ``SFTTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "response"}, ...]).train()``;
@@ -61,6 +59,8 @@ class SFTTrainer:
     trains on rows ``r::world_size`` of it, in ``grad_accum`` micro-batches, each normalised by the
     global batch's response-token count.
     """
+
+    STAGE, DESC, POSTFIX = "sft", "sft", ("loss",)
 
     def __init__(self, config: SFTConfig, *, model=None, tokenizer=None, train_data: list[dict] | None = None,
                  eval_data: list[dict] | None = None, progress: bool = True):
@@ -115,24 +115,8 @@ class SFTTrainer:
         return {"loss": loss_total, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
                 "tokens": int(n_tokens)}
 
-    def _ckpt(self):
-        return {"model": self.model}, {"adamw": self.optimizer}, {"lr": self.scheduler}
-
-    def train(self) -> dict:
-        cfg = self.config
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        log = C.MetricsLog(out, "sft", enabled=self.dist.is_main)
-        train_time = C.run_steps(self, out, log, "sft", ("loss",))
-        result = {"steps": self.step_count, "train_time_s": train_time}
-        if self.eval_data:  # every rank evaluates the (small) held-out set: the same number everywhere
-            result["eval_loss"] = self.engine.no_grad(eval_nll, self.encoder, self.eval_data, self.device)
-            log.log(self.step_count, eval_loss=result["eval_loss"])
-        log.close()
-        self.save(out / "model")
-        D.save_checkpoint(self.dist, out, *self._ckpt(), {"step": self.step_count, "done": True})
-        return result
-
-    def save(self, path) -> None:
-        """The Hugging Face export (rank 0 writes; LoRA merged; a collective under FSDP)."""
-        D.export_model(self.model, self.tokenizer, path, self.dist, {"stage": "sft", "config": vars(self.config)})
+    def final_eval(self) -> dict:
+        if not self.eval_data:
+            return {}
+        # every rank evaluates the (small) held-out set: the same number everywhere
+        return {"eval_loss": self.engine.no_grad(eval_nll, self.encoder, self.eval_data, self.device)}

@@ -109,6 +109,20 @@ def _kl_token(x, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
 
 
 @triton.jit
+def _masked_tile(a_ptr, b_ptr, c_ptr, mask_ptr, row, cols, inb, stride_a_r, stride_a_c, stride_b_r, stride_b_c,
+                 stride_c_r, stride_c_c, stride_m_r, stride_m_c):
+    """Columns `cols` (in bounds where `inb`) of row `row` of three (B, T) inputs and their mask, as fp32:
+    (m, m != 0, a, b, c). Masked positions and lanes past T read as 0: whatever they hold cannot reach a
+    sum."""
+    m = tl.load(mask_ptr + row * stride_m_r + cols * stride_m_c, mask=inb, other=0).to(tl.float32)
+    valid = m != 0.0
+    a = tl.where(valid, tl.load(a_ptr + row * stride_a_r + cols * stride_a_c, mask=inb, other=0.0).to(tl.float32), 0.0)
+    b = tl.where(valid, tl.load(b_ptr + row * stride_b_r + cols * stride_b_c, mask=inb, other=0.0).to(tl.float32), 0.0)
+    c = tl.where(valid, tl.load(c_ptr + row * stride_c_r + cols * stride_c_c, mask=inb, other=0.0).to(tl.float32), 0.0)
+    return m, valid, a, b, c
+
+
+@triton.jit
 def _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, HAS_DUAL: tl.constexpr):
     """(loss, grad, clipped, dual_clipped, k3, ratio) of valid tokens (see ppo::policy_token)."""
     d = lp - old
@@ -171,15 +185,9 @@ def _ppo_policy_loss_fwd_kernel(
     tile = tl.program_id(1)
     cols = tile * BLOCK + tl.arange(0, BLOCK)
     inb = cols < n_cols
-    m = tl.load(mask_ptr + row * stride_m_r + cols * stride_m_c, mask=inb, other=0).to(tl.float32)
-    valid = m != 0.0
-    # masked positions (and lanes past T) become zeros: whatever they hold cannot reach a sum
-    lp = tl.where(valid, tl.load(lp_ptr + row * stride_lp_r + cols * stride_lp_c, mask=inb, other=0.0)
-                  .to(tl.float32), 0.0)
-    old = tl.where(valid, tl.load(old_ptr + row * stride_old_r + cols * stride_old_c, mask=inb, other=0.0)
-                   .to(tl.float32), 0.0)
-    adv = tl.where(valid, tl.load(adv_ptr + row * stride_adv_r + cols * stride_adv_c, mask=inb, other=0.0)
-                   .to(tl.float32), 0.0)
+    m, valid, lp, old, adv = _masked_tile(
+        lp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, inb,
+        stride_lp_r, stride_lp_c, stride_old_r, stride_old_c, stride_adv_r, stride_adv_c, stride_m_r, stride_m_c)
     loss, grad, clipped, dual, k3, ratio = _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, HAS_DUAL)
     if NEED_GRAD:
         tl.store(token_grad_ptr + row * n_cols + cols, m * grad, mask=inb)
@@ -208,14 +216,9 @@ def _value_loss_fwd_kernel(
     tile = tl.program_id(1)
     cols = tile * BLOCK + tl.arange(0, BLOCK)
     inb = cols < n_cols
-    m = tl.load(mask_ptr + row * stride_m_r + cols * stride_m_c, mask=inb, other=0).to(tl.float32)
-    valid = m != 0.0
-    v = tl.where(valid, tl.load(v_ptr + row * stride_v_r + cols * stride_v_c, mask=inb, other=0.0)
-                 .to(tl.float32), 0.0)
-    v_old = tl.where(valid, tl.load(old_ptr + row * stride_old_r + cols * stride_old_c, mask=inb, other=0.0)
-                     .to(tl.float32), 0.0)
-    ret = tl.where(valid, tl.load(ret_ptr + row * stride_ret_r + cols * stride_ret_c, mask=inb, other=0.0)
-                   .to(tl.float32), 0.0)
+    m, valid, v, v_old, ret = _masked_tile(
+        v_ptr, old_ptr, ret_ptr, mask_ptr, row, cols, inb,
+        stride_v_r, stride_v_c, stride_old_r, stride_old_c, stride_ret_r, stride_ret_c, stride_m_r, stride_m_c)
     # ppo::value_token
     v_clipped = tl.minimum(tl.maximum(v, v_old - clip_eps), v_old + clip_eps)
     e1 = v - ret

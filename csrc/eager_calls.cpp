@@ -29,9 +29,9 @@ namespace {
 // thread's included set.
 bool plain_thread_state() {
   using K = c10::DispatchKey;
-  static const c10::DispatchKeySet modal({K::Python, K::PythonTLSSnapshot, K::Functionalize, K::FuncTorchDynamicLayerBackMode,
-                                          K::FuncTorchDynamicLayerFrontMode, K::FuncTorchVmapMode, K::PreDispatch,
-                                          K::PythonDispatcher});
+  static const c10::DispatchKeySet modal({K::Python, K::PythonTLSSnapshot, K::Functionalize,
+                                          K::FuncTorchDynamicLayerBackMode, K::FuncTorchDynamicLayerFrontMode,
+                                          K::FuncTorchVmapMode, K::PreDispatch, K::PythonDispatcher});
   return !at::impl::torch_function_mode_enabled() && c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
          !c10::impl::tls_local_dispatch_key_set().included_.has_any(modal);
 }
@@ -80,7 +80,8 @@ PyObject* wrap_pair(std::tuple<at::Tensor, at::Tensor>&& out) {
 // entry point checks, raising the errors the cpu backend raises on the usual path.
 PyObject* gae(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 7) {
-    PyErr_SetString(PyExc_TypeError, "gae: expected 7 arguments (rewards, values, mask, cu_seqlens, gamma, lam, whiten)");
+    PyErr_SetString(PyExc_TypeError,
+                    "gae: expected 7 arguments (rewards, values, mask, cu_seqlens, gamma, lam, whiten)");
     return nullptr;
   }
   double gamma = 0, lam = 0;

@@ -156,9 +156,7 @@ class OpRegistry:
         return name
 
     def _select(self, tensors: Sequence[torch.Tensor], backend: str | None) -> str:
-        requested, source = backend, "backend="
-        if requested is None and os.environ.get(ENV_VAR):
-            requested, source = os.environ[ENV_VAR], ENV_VAR
+        requested, source = requested_backend(backend)
         if requested is not None:
             if requested not in BACKEND_INFO:
                 raise ValueError(f"{source}{requested!r} is not a backend; expected one of {BACKENDS}")
@@ -178,6 +176,15 @@ class OpRegistry:
 
     def impl(self, backend: str) -> OpImpl:
         return self.impls[backend]
+
+
+def requested_backend(backend: str | None) -> tuple[str | None, str]:
+    """(the backend a call asks for, where it comes from): the call's `backend`, else RLHF_FAST_BACKEND when
+    set and not empty, else (None, "") -- the automatic choice."""
+    if backend is not None:
+        return backend, "backend="
+    env = os.environ.get(ENV_VAR)
+    return (env, ENV_VAR) if env else (None, "")
 
 
 _OPS: dict[str, OpRegistry] = {}

@@ -38,14 +38,10 @@ std::tuple<at::Tensor, at::Tensor> gae_padded_cpu(const at::Tensor& rewards, con
   at::Tensor cu_seqlens = at::empty({batch + 1}, at::kLong);
   int64_t* cu = cu_seqlens.mutable_data_ptr<int64_t>();
   for (int64_t s = 0; s <= batch; ++s) cu[s] = s * steps;
-  const auto flat = [](const at::Tensor& t) { return t.view({-1}); };  // view() rejects a non-viewable layout
-  check_gae_fwd(flat(rewards), flat(values), flat(mask), cu_seqlens, gamma, lam);
-  at::Tensor advantages = empty_hugepage({batch, steps}, at::kFloat), returns = empty_hugepage({batch, steps}, at::kFloat);
-  if (batch * steps == 0) return {advantages, returns};
-  at::Tensor adv_flat = flat(advantages), ret_flat = flat(returns);
-  gae_fwd_stub()()(flat(rewards), flat(values), flat(mask), cu_seqlens, float(gamma), float(lam), whiten, adv_flat,
-                   ret_flat);
-  return {advantages, returns};
+  // view() rejects a layout that is not one row of memory
+  auto [advantages, returns] = gae_fwd_cpu(rewards.view({-1}), values.view({-1}), mask.view({-1}), cu_seqlens, gamma,
+                                           lam, whiten);
+  return {advantages.view({batch, steps}), returns.view({batch, steps})};
 }
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {

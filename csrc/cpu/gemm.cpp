@@ -55,6 +55,8 @@ bool big_enough(const at::Tensor& a, const at::Tensor& b) {
 
 const char* gemm_engine() { return use_onednn() ? "onednn" : "blas"; }
 
+at::Tensor gemm_operand(const at::Tensor& t) { return plain_or_transposed(t) ? t : t.contiguous(); }
+
 void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta) {
 #if AT_MKLDNN_ENABLED()
   if (use_onednn() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&

@@ -15,6 +15,10 @@ namespace rlhf_fast::cpu {
 
 void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, float beta);
 
+// A 2-D operand as matmul_into's fast path takes it: `t` itself when contiguous or the transpose of a
+// contiguous matrix, else a contiguous copy.
+at::Tensor gemm_operand(const at::Tensor& t);
+
 // "onednn" or "blas"
 const char* gemm_engine();
 

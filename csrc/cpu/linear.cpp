@@ -25,12 +25,6 @@ void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (bias.has_value() && bias->defined()) check_vector(*bias, "bias", weight.size(0), x.scalar_type(), x);
 }
 
-// The 2-D layouts matmul_into takes without a copy: contiguous, or the transpose of a contiguous matrix.
-at::Tensor plain(const at::Tensor& t) {
-  if (t.is_contiguous() || (t.stride(0) == 1 && t.stride(1) == t.size(0))) return t;
-  return t.contiguous();
-}
-
 }  // namespace
 
 at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -39,7 +33,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const s
   if (x.scalar_type() != at::kFloat) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
   at::Tensor out = empty_hugepage({x.size(0), weight.size(0)}, at::kFloat);
   if (has_bias) out.copy_(bias->unsqueeze(0).expand_as(out));
-  matmul_into(out, plain(x), plain(weight).t(), has_bias ? 1.0f : 0.0f);
+  matmul_into(out, gemm_operand(x), gemm_operand(weight).t(), has_bias ? 1.0f : 0.0f);
   return out;
 }
 
@@ -53,14 +47,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
                   "grad: expected shape (", x.size(0), ", ", weight.size(0), "), got ", grad.sizes());
   RLHF_FAST_CHECK(grad.scalar_type() == x.scalar_type(), "grad: expected dtype ", x.scalar_type(), ", got ",
                   grad.scalar_type());
-  const at::Tensor g = plain(grad);
+  const at::Tensor g = gemm_operand(grad);
   const bool fp32 = x.scalar_type() == at::kFloat;
   // three distinct empty tensors: the outputs of an op may not alias each other
   at::Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options()), gb = at::empty({0}, x.options());
   if (need_input) {
     if (fp32) {
       gx = empty_hugepage(x.sizes(), at::kFloat);
-      matmul_into(gx, g, plain(weight), 0.0f);
+      matmul_into(gx, g, gemm_operand(weight), 0.0f);
     } else {
       gx = at::mm(g, weight);
     }
@@ -68,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   if (need_weight) {
     if (fp32) {
       gw = at::empty(weight.sizes(), x.options());
-      matmul_into(gw, g.t(), plain(x), 0.0f);
+      matmul_into(gw, g.t(), gemm_operand(x), 0.0f);
     } else {
       gw = at::mm(g.t(), x);
     }

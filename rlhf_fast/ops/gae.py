@@ -23,13 +23,12 @@ the advantages.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
 from rlhf_fast import _validation as V
-from rlhf_fast.backends import ENV_VAR, op_registry, plain_eager
+from rlhf_fast.backends import op_registry, plain_eager, requested_backend
 from rlhf_fast.reference import gae_ref
 
 OP = op_registry("gae")
@@ -40,6 +39,7 @@ try:
     from rlhf_fast._C import gae as _PLAIN_CPU
 except ImportError:  # no native extension
     _PLAIN_CPU = None
+
 
 def check_cu_seqlens_values(cu_seqlens: Tensor, total: int) -> None:
     """cu_seqlens (S+1,) int64: starts at 0, never decreases, ends at `total` (one sync). The CPU
@@ -172,7 +172,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, *, gamma: float = 
         PPO loss); the outputs never require grad. The caller's tensors are never written to.
     """
     if (_PLAIN_CPU is not None and not torch.compiler.is_compiling()
-            and (backend if backend is not None else os.environ.get(ENV_VAR) or None) in (None, "cpu")):
+            and requested_backend(backend)[0] in (None, "cpu")):
         out = _PLAIN_CPU(rewards, values, mask, cu_seqlens, gamma, lam, whiten)  # None unless the plain CPU case
         if out is not None:
             return out

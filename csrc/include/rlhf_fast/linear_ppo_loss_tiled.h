@@ -5,11 +5,11 @@
 //
 // Rows are processed in blocks that span the whole vocabulary: a block's logits (rows x V fp32, at
 // most `tile_rows` rows) are computed and folded (online logsumexp, entropy, label logit) one
-// vocabulary chunk of the weight at a time (chunk_cols below: on CPU the whole vocabulary for fp32), and -- the block's log-probs being
-// final -- turned into dL/dlogits in place and contracted into grad_hidden and grad_weight by two
-// more GEMMs per chunk. 3 GEMMs per row instead of the 4 of linear_logprobs' forward + backward
-// (which must recompute the logits because its upstream gradient is unknown in the forward), with
-// the same bounded memory. Each chunk of the block's logits is its own contiguous (rows, chunk)
+// vocabulary chunk of the weight at a time (chunk_cols below: on CPU the whole vocabulary for fp32),
+// and -- the block's log-probs being final -- turned into dL/dlogits in place and contracted into
+// grad_hidden and grad_weight by two more GEMMs per chunk. 3 GEMMs per row instead of the 4 of
+// linear_logprobs' forward + backward (which must recompute the logits because its upstream gradient
+// is unknown in the forward), with the same bounded memory. Each chunk of the block's logits is its own contiguous (rows, chunk)
 // matrix; 16-bit weights are widened to fp32 one chunk at a time.
 //
 // The device supplies a `Tiles` policy: linear_logprobs' three hooks (rlhf_fast/linear_logprobs_tiled.h)

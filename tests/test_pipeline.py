@@ -14,8 +14,9 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from rlhf_fast.pipeline import common as C  # noqa: E402
-from rlhf_fast.pipeline.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig  # noqa: E402
-from rlhf_fast.pipeline.data import Encoder, lm_batch  # noqa: E402
+from rlhf_fast.pipeline.chat import Encoder  # noqa: E402
+from rlhf_fast.pipeline.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig, from_preset  # noqa: E402
+from rlhf_fast.pipeline.data import lm_batch  # noqa: E402
 from rlhf_fast.pipeline.ppo import PPOTrainer  # noqa: E402
 from rlhf_fast.pipeline.reward import RewardTrainer, encode_ranked  # noqa: E402
 from rlhf_fast.pipeline.sft import SFTTrainer  # noqa: E402
@@ -124,6 +125,7 @@ def _ppo(tok, tmp_path, name="ppo", **kw):
     ptx = sft_examples(task, 16, g)
     base = dict(output_dir=str(tmp_path / name), iterations=3, prompts_per_iteration=3, samples_per_prompt=2,
                 max_new_tokens=6, ppo_epochs=1, minibatch_size=6, ptx_batch_size=2, device="cpu", eval_every=0,
+                temperature=1.0, lr=5e-4, critic_lr=1e-3,
                 max_grad_norm=0.0)
     base.update(kw)
     return PPOTrainer(PPOConfig(**base), policy=tiny(tok, 1), reward_model=tiny_rm(tok, tmp_path, 2), tokenizer=tok,
@@ -277,7 +279,7 @@ def test_ppo_resume_after_kill_equals_uninterrupted(tok, tmp_path):
 
 
 def smoke_config(out) -> PipelineConfig:
-    cfg = PipelineConfig(output_dir=str(out), device="cpu", plots=False)
+    cfg = from_preset(PipelineConfig, "tiny", output_dir=str(out), device="cpu", plots=False)
     cfg.model.hidden_size, cfg.model.intermediate_size = 32, 64
     t = cfg.task
     t.num_sft, t.num_rm_prompts, t.num_ppo_prompts, t.num_ptx = 256, 24, 32, 32

@@ -4,6 +4,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -62,8 +63,17 @@ void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   if (use_onednn() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
       out.scalar_type() == at::kFloat && out.is_contiguous() && plain_or_transposed(a) && plain_or_transposed(b) &&
       a.numel() > 0 && b.numel() > 0 && big_enough(a, b)) {
-    at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
-    return;
+    // oneDNN's matmul refuses CPUs without AVX-512 BW/VL/DQ (or AVX-NE-CONVERT) in some torch builds, fp32
+    // inputs included (e.g. AMD Zen 3): the first refusal sends every later call to BLAS.
+    static std::atomic<bool> refused{false};
+    if (!refused.load(std::memory_order_relaxed)) {
+      try {
+        at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
+        return;
+      } catch (const c10::Error&) {
+        refused.store(true, std::memory_order_relaxed);
+      }
+    }
   }
 #endif
   if (beta == 0.0f) {

@@ -20,12 +20,26 @@ def _say(*lines) -> None:
         print(*lines, sep="\n")
 
 
-def _default_task_data(seed: int):
+def _default_task_data(cfg):
+    """The embedded task's data for a stage command run without data: the topics task for the tiny preset,
+    the constraints task otherwise (its SFT demonstrations are the best of K samples of the base model)."""
+    from rlhf_fast.pipeline.config import apply_preset
     from rlhf_fast.pipeline.pipeline import make_task, task_data
 
-    cfg = PipelineConfig(seed=seed)
-    task = make_task(cfg)
-    return cfg, task, task_data(cfg, task)
+    pcfg = apply_preset(PipelineConfig(seed=cfg.seed), cfg.preset or "")
+    task = make_task(pcfg)
+    return pcfg, task, task_data(pcfg, task)
+
+
+def _tiny_or_loaded(name: str, seed: int):
+    """(model, tokenizer) of the toy Llama for name 'tiny', else (None, None): the trainer loads `name`."""
+    if name != "tiny":
+        return None, None
+    from rlhf_fast.pipeline import common as C
+    from rlhf_fast.pipeline.task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return C.build_tiny_llama(tokenizer, seed=seed), tokenizer
 
 
 def _pipeline(args) -> int:
@@ -40,19 +54,29 @@ def _pipeline(args) -> int:
 
 
 def _sft(args) -> int:
-    from rlhf_fast.pipeline import common as C
+    from rlhf_fast.pipeline import distributed as D
     from rlhf_fast.pipeline.sft import SFTTrainer
 
     cfg = from_args(SFTConfig, args)
-    model = tokenizer = train = None
-    if not cfg.model:
-        from rlhf_fast.pipeline.task import build_tokenizer
-
-        tokenizer = build_tokenizer()
-        model = C.build_tiny_llama(tokenizer, seed=cfg.seed)
+    model, tokenizer = _tiny_or_loaded(cfg.model, cfg.seed)
+    train = None
     if not cfg.data:
-        _, _, data = _default_task_data(cfg.seed)
-        train = data["sft"]
+        pcfg, task, data = _default_task_data(cfg)
+        if "sft" in data:
+            train = data["sft"]
+        else:  # the constraints task: best-of-K demonstrations of the model being fine-tuned
+            from rlhf_fast.pipeline import common as C
+            from rlhf_fast.pipeline.chat import Encoder
+            from rlhf_fast.pipeline.pipeline import best_of_k_demonstrations
+
+            device = D.setup(cfg.distributed, cfg.device, cfg.precision).device
+            tokenizer = tokenizer or C.load_tokenizer(cfg.model, cfg.trust_remote_code, not args.quiet)
+            model = model or C.load_causal_lm(cfg.model, cfg.trust_remote_code, progress=not args.quiet)
+            enc = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_response_len, cfg.chat_template)
+            train = best_of_k_demonstrations(model.to(device), tokenizer, enc, task, data["sft_prompts"],
+                                             k=pcfg.task.sft_candidates, max_new_tokens=pcfg.ppo.max_new_tokens,
+                                             temperature=pcfg.ppo.temperature, seed=cfg.seed, device=device,
+                                             progress=not args.quiet)
     result = SFTTrainer(cfg, model=model, tokenizer=tokenizer, train_data=train, progress=not args.quiet).train()
     _say(json.dumps(result, indent=2), f"model: {cfg.output_dir}/model")
     return 0
@@ -64,21 +88,21 @@ def _rm(args) -> int:
     from rlhf_fast.pipeline.reward import RewardTrainer
 
     cfg = from_args(RMConfig, args)
-    if not cfg.model:
+    if not cfg.model or cfg.model == "tiny":
         raise ValueError("--model: the SFT model's path (or hub id) is required")
     train = None
     if not cfg.data:  # default task: sample K answers from the SFT model and rank them with the labeler
-        from rlhf_fast.pipeline.data import Encoder
+        from rlhf_fast.pipeline.chat import Encoder
         from rlhf_fast.pipeline.pipeline import label_comparisons
 
-        pcfg, task, data = _default_task_data(cfg.seed)
-        tok = C.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        pcfg, task, data = _default_task_data(cfg)
+        tok = C.load_tokenizer(cfg.model, cfg.trust_remote_code, not args.quiet)
         device = D.setup(cfg.distributed, cfg.device, cfg.precision).device  # every rank samples the same
-        policy = C.load_causal_lm(cfg.model, cfg.trust_remote_code, device=device)
-        train = label_comparisons(policy, tok, Encoder(tok, cfg.max_prompt_len, cfg.max_response_len), task,
-                                  data["rm_prompts"], k_min=cfg.k_min, k_max=cfg.k_max,
+        policy = C.load_causal_lm(cfg.model, cfg.trust_remote_code, device=device, progress=not args.quiet)
+        enc = Encoder(tok, cfg.max_prompt_len, cfg.max_response_len, cfg.chat_template)
+        train = label_comparisons(policy, tok, enc, task, data["rm_prompts"], k_min=cfg.k_min, k_max=cfg.k_max,
                                   max_new_tokens=pcfg.ppo.max_new_tokens, temperature=cfg.sample_temperature,
-                                  seed=cfg.seed, device=device)
+                                  seed=cfg.seed, device=device, progress=not args.quiet)
     result = RewardTrainer(cfg, train_data=train, progress=not args.quiet).train()
     _say(json.dumps(result, indent=2), f"reward model: {cfg.output_dir}/model")
     return 0
@@ -90,9 +114,9 @@ def _ppo(args) -> int:
     cfg = from_args(PPOConfig, args)
     prompts = ptx = None
     if not cfg.prompts:
-        _, _, data = _default_task_data(cfg.seed)
+        _, _, data = _default_task_data(cfg)
         prompts = data["ppo_prompts"]
-        ptx = None if cfg.ptx_data else data["ptx"]
+        ptx = None if cfg.ptx_data else data.get("ptx")
     result = PPOTrainer(cfg, prompts=prompts, ptx_data=ptx, progress=not args.quiet).train()
     _say(json.dumps(result, indent=2), f"policy: {cfg.output_dir}/model")
     return 0
@@ -102,10 +126,11 @@ def _run(fn):
     def wrapped(args) -> int:
         from rlhf_fast.pipeline import distributed as D
         from rlhf_fast.pipeline.data import DataError
+        from rlhf_fast.pipeline.models import ModelFetchError
 
         try:
             return fn(args)
-        except (DataError, ValueError) as e:
+        except (DataError, ValueError, ModelFetchError) as e:
             print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
             return 2
         finally:
@@ -117,7 +142,7 @@ def add_subcommands(sub) -> None:
     """Register ``pipeline``, ``sft``, ``rm`` and ``ppo`` on an argparse sub-parser collection."""
     specs = [
         ("pipeline", PipelineConfig, _pipeline, "SFT -> reward model -> PPO-ptx end to end (default: embedded task)"),
-        ("sft", SFTConfig, _sft, "supervised fine-tuning on {prompt, response} JSONL"),
+        ("sft", SFTConfig, _sft, "supervised fine-tuning on prompt-completion or conversation data"),
         ("rm", RMConfig, _rm, "reward model from the SFT model and ranked answers"),
         ("ppo", PPOConfig, _ppo, "PPO-ptx from the SFT policy and the reward model"),
     ]

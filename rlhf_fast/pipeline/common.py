@@ -41,16 +41,16 @@ def _register_attention():
 
 
 def build_tiny_llama(tokenizer, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-                     seed=0):
-    """A tiny ``LlamaForCausalLM`` built from a config (random init with `seed`)."""
+                     seed=0, tie_word_embeddings=False, max_positions=1024):
+    """A tiny ``LlamaForCausalLM`` built from a config (random init with `seed`) for `tokenizer`'s vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _register_attention()
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                      max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tie_word_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
@@ -58,10 +58,15 @@ def build_tiny_llama(tokenizer, hidden_size=64, intermediate_size=192, num_layer
     return model
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, progress: bool = True):
+    """The model's tokenizer, left-padded (generation), with pad = eos when it has no pad token (padding is
+    decided by the attention mask, never by the pad id)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    from rlhf_fast.pipeline.models import quiet_transformers, resolve_model
+
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(resolve_model(name, progress), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -70,33 +75,64 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def _with_attention(loader, name, trust_remote_code, **kw):
-    """Load with attn_implementation="rlhf_fast", falling back to "sdpa" for models it cannot serve."""
+def _load_quietly(loader, name, trust_remote_code, expected_missing: tuple[str, ...] = (), progress: bool = True,
+                  **kw):
+    """``loader(name, ...)`` with attn_implementation="rlhf_fast" (falling back to "sdpa" for models it cannot
+    serve), without transformers' load reports; a weight missing from the checkpoint is an error unless it
+    is one the caller expects (the new scalar head of a reward model made from a causal LM)."""
+    from rlhf_fast.pipeline.models import quiet_transformers, resolve_model
+
     _register_attention()
-    try:
-        return loader(name, attn_implementation=ATTN, trust_remote_code=trust_remote_code, **kw)
-    except (ValueError, ImportError) as e:
-        if "attn_implementation" not in str(e) and "attention" not in str(e).lower():
-            raise
-        return loader(name, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kw)
+    path = resolve_model(name, progress)
+    with quiet_transformers():
+        try:
+            model, info = loader(path, attn_implementation=ATTN, trust_remote_code=trust_remote_code,
+                                 output_loading_info=True, **kw)
+        except (ValueError, ImportError) as e:
+            if "attn_implementation" not in str(e) and "attention" not in str(e).lower():
+                raise
+            model, info = loader(path, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+                                 output_loading_info=True, **kw)
+    tied = {n for n, _ in tied_parameters(model)}
+    missing = [k for k in info.get("missing_keys", []) if k not in tied
+               and not any(k == e or k.startswith(e + ".") for e in expected_missing)]
+    if missing:
+        more = " ..." if len(missing) > 8 else ""
+        raise ValueError(f"model: {name} lacks weights {sorted(missing)[:8]}{more} that {type(model).__name__} "
+                         "needs")
+    return model
 
 
-def load_causal_lm(name: str, trust_remote_code: bool = False, device=None):
+def tied_parameters(model) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of the parameters that share their storage with an earlier one (tied embeddings)."""
+    seen, out = set(), []
+    for n, p in model.named_parameters(remove_duplicate=False):
+        key = p.data_ptr()
+        if key in seen:
+            out.append((n, p))
+        seen.add(key)
+    return out
+
+
+def load_causal_lm(name: str, trust_remote_code: bool = False, device=None, progress: bool = True):
     from transformers import AutoModelForCausalLM
 
     if not name:
         raise ValueError("model: a local path or hub id is required")
-    model = _with_attention(AutoModelForCausalLM.from_pretrained, name, trust_remote_code, dtype=torch.float32)
+    model = _load_quietly(AutoModelForCausalLM.from_pretrained, name, trust_remote_code, dtype=torch.float32,
+                          progress=progress)
     return model.to(device) if device is not None else model
 
 
-def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, pad_token_id=None, seed: int = 0):
+def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, pad_token_id=None, seed: int = 0,
+                      progress: bool = True):
     """A sequence-classification model with one output (the reward model / critic): the causal LM's
     network with its unembedding replaced by a scalar head ``score``.
 
     A head missing from the checkpoint (a causal LM turned into a reward model) is initialised from
     `seed`, not from whatever state the global RNG is in: the same seed gives the same reward model in
-    every process (each rank of a torchrun, a resumed run, a second run)."""
+    every process (each rank of a torchrun, a resumed run, a second run). Any other missing weight is an
+    error."""
     from transformers import AutoModelForSequenceClassification
 
     if not name:
@@ -106,7 +142,8 @@ def load_scalar_model(name: str, trust_remote_code: bool = False, device=None, p
         kw["pad_token_id"] = pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _with_attention(AutoModelForSequenceClassification.from_pretrained, name, trust_remote_code, **kw)
+        model = _load_quietly(AutoModelForSequenceClassification.from_pretrained, name, trust_remote_code,
+                              expected_missing=("score", "classifier"), progress=progress, **kw)
     return model.to(device) if device is not None else model
 
 
@@ -131,11 +168,14 @@ def save_model(model, tokenizer, path, extra: dict | None = None, state_dict: di
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    if state_dict is None:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:  # save_pretrained pops entries from the dict it is given
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=dict(state_dict))
-    tokenizer.save_pretrained(tmp)
+    from rlhf_fast.pipeline.models import quiet_transformers
+
+    with quiet_transformers():  # no shard progress bars
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:  # save_pretrained pops entries from the dict it is given
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=dict(state_dict))
+        tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "rlhf_fast.json").write_text(json.dumps(extra, indent=2))
     _replace_dir(tmp, path)
@@ -186,14 +226,20 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
 # Optimisation
 # ---------------------------------------------------------------------------------------------
 
-def optimizer_and_schedule(config, params, n_rows: int):
+def warmup_of(config, total_steps: int) -> int:
+    """``config.warmup_steps``, or 10% of `total_steps` when it is negative."""
+    return config.warmup_steps if config.warmup_steps >= 0 else math.ceil(0.1 * total_steps)
+
+
+def optimizer_and_schedule(config, params, n_rows: int, lr: float):
     """(steps_per_epoch, total_steps, AdamW, warm-up + cosine LambdaLR) of a stage that trains `n_rows`
-    rows in batches of ``config.batch_size`` for ``config.epochs`` (at most ``config.max_steps``)."""
+    rows in batches of ``config.batch_size`` for ``config.epochs`` (at most ``config.max_steps``) at peak
+    learning rate `lr`."""
     steps_per_epoch = max(1, n_rows // config.batch_size)
     total = steps_per_epoch * config.epochs
     total_steps = min(total, config.max_steps) if config.max_steps else total
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, total_steps))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_of(config, total_steps), total_steps))
     return steps_per_epoch, total_steps, optimizer, scheduler
 
 
@@ -204,6 +250,17 @@ def global_batch_indices(n_rows: int, batch_size: int, steps_per_epoch: int, see
     g = torch.Generator().manual_seed(step_seed(seed, epoch))
     order = torch.randperm(n_rows, generator=g)
     return order[i * batch_size: (i + 1) * batch_size].tolist()
+
+
+def progress_range(n: int, step: int, desc: str, progress: bool):
+    """range(0, n, step) with a progress bar (rows done, ETA) on rank 0 when `progress`."""
+    from tqdm.auto import tqdm
+
+    show = progress and int(os.environ.get("RANK", "0") or 0) == 0
+    with tqdm(total=n, desc=desc, disable=not show, dynamic_ncols=True, unit="prompt") as bar:
+        for start in range(0, n, step):
+            yield start
+            bar.update(min(step, n - start))
 
 
 def given_or_loaded(given, path: str, message: str, load):
@@ -343,10 +400,10 @@ def save_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict,
 def write_checkpoint_files(tmp: Path, models: dict, optimizers: dict, schedulers: dict, state: dict) -> None:
     """The files of a single-file checkpoint (what :func:`save_checkpoint` renames into place)."""
     from safetensors.torch import save_file
+    from safetensors.torch import save_model as save_module
 
-    for name, m in models.items():
-        weights = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-        save_file(weights, str(tmp / f"{name}.safetensors"))
+    for name, m in models.items():  # save_model stores tensors that share memory (tied embeddings) once
+        save_module(m, str(tmp / f"{name}.safetensors"))
     meta = {"state": state, "optimizers": {}, "schedulers": {}}
     for name, opt in optimizers.items():
         tensors, om = _optimizer_tensors(opt)
@@ -374,6 +431,7 @@ def checkpoint_path(directory) -> Path | None:
 def load_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict) -> dict | None:
     """Restore what :func:`save_checkpoint` wrote; returns the trainer state, or None without a checkpoint."""
     from safetensors.torch import load_file
+    from safetensors.torch import load_model as load_module
 
     ck = checkpoint_path(directory)
     if ck is None:
@@ -382,7 +440,7 @@ def load_checkpoint(directory, models: dict, optimizers: dict, schedulers: dict)
     if meta.get("format") == "dcp-safetensors":
         raise ValueError(f"resume: {ck} holds FSDP shards; resume it with --distributed fsdp")
     for name, m in models.items():
-        m.load_state_dict(load_file(str(ck / f"{name}.safetensors")))
+        load_module(m, str(ck / f"{name}.safetensors"))
     for name, opt in optimizers.items():
         _load_optimizer(opt, load_file(str(ck / f"optim_{name}.safetensors")), meta["optimizers"][name])
     for name, sch in schedulers.items():

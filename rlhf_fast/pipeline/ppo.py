@@ -33,8 +33,9 @@ from torch import Tensor
 import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
-from rlhf_fast.pipeline.config import PPOConfig
-from rlhf_fast.pipeline.data import IGNORE, Encoder, load_prompts, load_ptx
+from rlhf_fast.pipeline.chat import Encoder
+from rlhf_fast.pipeline.config import PPOConfig, learning_rate
+from rlhf_fast.pipeline.data import IGNORE, load_prompts, load_ptx
 from rlhf_fast.pipeline.generation import Samples, sample
 from rlhf_fast.pipeline.sft import encode_lm
 
@@ -167,12 +168,14 @@ class PPOTrainer:
         self.rules = list(rules or []) + [load_rule(s) for s in cfg.rule_rewards]
         self.evaluator = evaluator
         self.progress = progress
-        self.encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens)
-        self.ptx_encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens + 2)
-        self.prompt_ids = [self.encoder.prompt(p["prompt"], p.get("_where", "")) for p in prompts]
-        self.actor_opt = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                                           weight_decay=0.0)
-        self.critic_opt = torch.optim.AdamW(self.critic_run.trainable_parameters(), lr=cfg.critic_lr,
+        self.encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens, cfg.chat_template)
+        self.ptx_encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens + 2, cfg.chat_template)
+        self.prompt_ids = [self.encoder.prompt(p["prompt"], p.get("_where", ""), p.get("system"),
+                                               p.get("chat_template_kwargs")) for p in prompts]
+        self.actor_opt = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=learning_rate(cfg, 1e-6, 2e-5),
+                                           betas=(0.9, 0.95), weight_decay=0.0)
+        critic_lr = cfg.critic_lr if cfg.critic_lr is not None else (1e-4 if cfg.lora_r else 1e-5)
+        self.critic_opt = torch.optim.AdamW(self.critic_run.trainable_parameters(), lr=critic_lr,
                                             betas=(0.9, 0.95), weight_decay=0.0)
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.score_norm: tuple[float, float] | None = None
@@ -224,7 +227,7 @@ class PPOTrainer:
         torch.manual_seed(C.step_seed(cfg.seed, 2, iteration, *([d.rank] if d.rank else [])))
         s = self.actor_run.no_grad(sample, prompt_ids, num_samples=cfg.samples_per_prompt,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
+                                   pad_id=self.tokenizer.pad_token_id, eos_id=self.encoder.stop_ids,
                                    device=self.device)
         old_lp = self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
         ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)

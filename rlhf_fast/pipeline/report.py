@@ -40,6 +40,10 @@ def write_plots(out: Path) -> list[str]:
     return written
 
 
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def write_report(out, summary: dict, samples: dict, cfg, plots: bool = True) -> Path:
     out = Path(out)
     plot_files: list[str] = []
@@ -59,12 +63,20 @@ def write_report(out, summary: dict, samples: dict, cfg, plots: bool = True) -> 
               ""]
     if plot_files or plot_note:
         lines += ["## Curves", ""] + [f"![{p}]({p})" for p in plot_files] + ([plot_note] if plot_note else []) + [""]
-    lines += ["## Sample generations (held-out prompts)", ""]
-    for stage in ("sft", "ppo"):
-        lines += [f"### {stage.upper()}", "", "| prompt | answer | gold |", "|---|---|---|"]
-        for s in samples.get(stage, [])[:12]:
-            lines.append(f"| {s['prompt']} | {s['response']} | {s['gold']:.2f} |")
-        lines.append("")
+    lines += ["## Sample generations (held-out prompts)", "",
+              "The same held-out prompts, answered by the SFT model and by the PPO-ptx policy (the first sample of "
+              "each), with their gold scores.", "", "| prompt | SFT answer | gold | PPO-ptx answer | gold |",
+              "|---|---|---|---|---|"]
+    firsts = {stage: {} for stage in ("sft", "ppo")}
+    for stage in firsts:
+        for s in samples.get(stage, []):
+            firsts[stage].setdefault(s["prompt"], s)
+    for prompt in list(firsts["sft"])[:16]:
+        a, b = firsts["sft"][prompt], firsts["ppo"].get(prompt)
+        cells = [_cell(prompt), _cell(a["response"]), f"{a['gold']:.2f}"]
+        cells += [_cell(b["response"]), f"{b['gold']:.2f}"] if b else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -14,8 +14,9 @@ from torch import Tensor
 import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
-from rlhf_fast.pipeline.config import RMConfig
-from rlhf_fast.pipeline.data import Encoder, load_ranked, pad_right
+from rlhf_fast.pipeline.chat import Encoder
+from rlhf_fast.pipeline.config import RMConfig, learning_rate
+from rlhf_fast.pipeline.data import load_ranked, pad_right
 
 PACKINGS = ("shared_prefix", "padded")
 
@@ -24,8 +25,9 @@ def encode_ranked(encoder: Encoder, rows: list[dict]):
     """(prompt ids, [answer ids], ranks) per row; ranks as given (0 = best)."""
     out = []
     for r in rows:
-        p = encoder.prompt(r["prompt"], r.get("_where", ""))
-        answers = [encoder.response(a) for a in r["responses"]]
+        where = r.get("_where", "")
+        p = encoder.prompt(r["prompt"], where, r.get("system"), r.get("chat_template_kwargs"))
+        answers = [encoder.response(a, where) for a in r["responses"]]
         out.append((p, answers, list(r["ranking"])))
     return out
 
@@ -109,13 +111,13 @@ class RewardTrainer(C.OneModelTrainer):
         train_data = C.given_or_loaded(train_data, config.data, "data: give RMConfig.data (a ranked JSONL file) or "
                                        "pass train_data=", lambda: load_ranked(config.data))
         train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
-        self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
+        self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len, config.chat_template)
         self.train_rows = encode_ranked(self.encoder, train_data)
         self.eval_rows = encode_ranked(self.encoder, eval_data) if eval_data else []
         self.progress = progress
         D.check_batch("batch_size", min(config.batch_size, len(self.train_rows)), self.dist, config.grad_accum)
         self.steps_per_epoch, self.total_steps, self.optimizer, self.scheduler = C.optimizer_and_schedule(
-            config, self.engine.trainable_parameters(), len(self.train_rows))
+            config, self.engine.trainable_parameters(), len(self.train_rows), learning_rate(config, 1e-5, 1e-4))
         self.step_count = 0
 
     def batch_at(self, step: int):

@@ -7,8 +7,9 @@ import torch
 
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
-from rlhf_fast.pipeline.config import SFTConfig
-from rlhf_fast.pipeline.data import Encoder, LMBatch, lm_batch, load_sft
+from rlhf_fast.pipeline.chat import Encoder
+from rlhf_fast.pipeline.config import SFTConfig, learning_rate
+from rlhf_fast.pipeline.data import LMBatch, lm_batch_masked, load_sft
 
 
 def sft_loss(model, batch: LMBatch, num_items: int | None = None, temperature: float = 1.0):
@@ -33,26 +34,39 @@ def eval_nll(model, encoder: Encoder, examples: list[dict], device, batch_size: 
     return total / max(1, count)
 
 
+def encode_row(encoder: Encoder, r: dict) -> tuple[list[int], list[bool]]:
+    """(token ids, train mask) of one SFT / ptx row: {"prompt", "completion"} (or the legacy "response"; loss
+    on the answer), {"messages"} (loss on the assistant turns) or {"text"} (loss on every token after the
+    first). Sequences are cut to max_prompt_len + max_response_len tokens."""
+    where, system, kw = r.get("_where", ""), r.get("system"), r.get("chat_template_kwargs")
+    limit = encoder.max_prompt_len + encoder.max_response_len
+    if "messages" in r:
+        ids, train = encoder.conversation(r["messages"], where, system, kw)
+    elif "prompt" in r:
+        p = encoder.prompt(r["prompt"], where, system, kw)
+        a = encoder.response(r["completion"] if "completion" in r else r["response"], where)
+        ids, train = p + a, [False] * len(p) + [True] * len(a)
+    else:
+        ids = encoder.text(r["text"])
+        train = [False] + [True] * (len(ids) - 1)
+    if len(ids) > limit:
+        encoder.truncated += 1
+        ids, train = ids[:limit], train[:limit]
+    return ids, train
+
+
 def encode_lm(encoder: Encoder, rows: list[dict]) -> LMBatch:
-    prompts, responses = [], []
-    for r in rows:
-        if "text" in r and "prompt" not in r:
-            ids = encoder.tokenizer(r["text"], add_special_tokens=True)["input_ids"]
-            ids = ids[: encoder.max_prompt_len + encoder.max_response_len]
-            prompts.append(ids[:1])
-            responses.append(ids[1:])
-        else:
-            prompts.append(encoder.prompt(r["prompt"], r.get("_where", "")))
-            responses.append(encoder.response(r["response"]))
-    return lm_batch(prompts, responses, encoder.tokenizer.pad_token_id)
+    seqs, train = zip(*[encode_row(encoder, r) for r in rows], strict=True)
+    return lm_batch_masked(list(seqs), list(train), encoder.tokenizer.pad_token_id)
 
 
 class SFTTrainer(C.OneModelTrainer):
     """Fine-tunes a causal LM on demonstrations.
 
-    ``SFTTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "response"}, ...]).train()``;
-    without ``train_data`` the examples come from ``config.data`` (JSONL). ``model`` / ``tokenizer``
-    default to ``config.model`` loaded with ``AutoModelForCausalLM``.
+    ``SFTTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "completion"}, ...]).train()``;
+    without ``train_data`` the examples come from ``config.data``. ``model`` / ``tokenizer`` default to
+    ``config.model`` loaded with ``AutoModelForCausalLM``. Prompts and answers are rendered with the
+    tokenizer's chat template (``config.chat_template``) and the loss covers the answer tokens only.
 
     Under torchrun (``config.distributed`` "ddp" / "fsdp") every rank builds the trainer with the same
     arguments; each step's global batch of ``batch_size`` examples is drawn as in one process and rank r
@@ -78,11 +92,11 @@ class SFTTrainer(C.OneModelTrainer):
                                        "train_data=", lambda: load_sft(config.data))
         train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "examples")
         self.train_data, self.eval_data = train_data, eval_data
-        self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len)
+        self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len, config.chat_template)
         self.progress = progress
         D.check_batch("batch_size", min(config.batch_size, len(train_data)), self.dist, config.grad_accum)
         self.steps_per_epoch, self.total_steps, self.optimizer, self.scheduler = C.optimizer_and_schedule(
-            config, self.engine.trainable_parameters(), len(train_data))
+            config, self.engine.trainable_parameters(), len(train_data), learning_rate(config, 2e-5, 2e-4))
         self.step_count = 0
 
     def batch_at(self, step: int) -> LMBatch:
@@ -113,7 +127,7 @@ class SFTTrainer(C.OneModelTrainer):
         self.step_count += 1
         (loss_total,) = self.dist.sum(loss_sum)
         return {"loss": loss_total, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
-                "tokens": int(n_tokens)}
+                "tokens": int(n_tokens), "truncated": self.encoder.truncated}
 
     def final_eval(self) -> dict:
         if not self.eval_data:

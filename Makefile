@@ -1,5 +1,6 @@
 # Set-up and everyday commands. Everything runs in a virtualenv (.venv) created here.
-#   make demo    install, then compare gather_logprobs with PyTorch on this machine
+#   make demo    install, then run the whole pipeline (SFT -> RM -> PPO-ptx) on SmolLM2-135M-Instruct and the
+#                embedded constraints task (fetches the model on first use; ~15 min on 2 CPU cores)
 #   make test    install, then run the whole test suite (what CI runs)
 #   make bench   install, then run the benchmarks and rewrite the README's performance tables
 #
@@ -31,8 +32,9 @@ $(VENV)/.native: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 
 install: $(VENV)/.native
 
+DEMO_OUT ?= runs/demo
 demo: install
-	$(PY) -m rlhf_fast.demo
+	$(VENV)/bin/rlhf-fast pipeline --output_dir $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -41,8 +41,8 @@ Canonical rows (exact keys; plus ``system`` / ``chat_template_kwargs`` when give
   P is a str or a list of messages (system / user / assistant / tool turns before the answer), C a str or a
   list of assistant messages. ``_where`` names the source and row: ``file:line`` for JSONL, ``file[i]`` for a
   JSON array, ``split[i]`` for a ``datasets`` object, ``source split[i]`` for a file or folder read through
-  ``datasets``, ``rows[i]`` for a list. Message dicts are copied (keys whose value is None dropped: Arrow
-  fills them in); the caller's objects are never modified.
+  ``datasets`` (``source[i]`` where the data has no split name), ``rows[i]`` for a list. Message dicts are
+  copied (keys whose value is None dropped: Arrow fills them in); the caller's objects are never modified.
 
 Rules
   * A ranking is valid when it has one int per response and its distinct values are exactly 0..m-1 for some
@@ -173,16 +173,17 @@ def _dataset_source(ds, label: str | None, split: str | None):
 
     if isinstance(ds, datasets.DatasetDict | datasets.IterableDatasetDict):
         ds, split = _split_of(ds, split, label or "the dataset")
-    elif split is None:
-        split = str(ds.split) if getattr(ds, "split", None) is not None else "dataset"
-    prefix = f"{label} {split}" if label else split
+    elif split is None and getattr(ds, "split", None) is not None:
+        split = str(ds.split)
+    # "source split[i]", "source[i]" (no split name), "split[i]" or "dataset[i]" (no source)
+    prefix = " ".join(x for x in (label, split) if x) or "dataset"
     cols = list(ds.column_names) if ds.column_names is not None else None
 
     def rows():
         for i, row in enumerate(ds):
             yield f"{prefix}[{i}]", row
 
-    return label or split, cols, rows
+    return prefix, cols, rows
 
 
 def _json_array_source(p: Path):
@@ -237,6 +238,7 @@ def _open(source, split, subset, streaming):
             if any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
                 ds = datasets.load_from_disk(str(p))       # memory-mapped Arrow
                 if streaming and isinstance(ds, datasets.Dataset):
+                    split = split or (str(ds.split) if ds.split is not None else None)
                     ds = ds.to_iterable_dataset()
                 return _dataset_source(ds, str(p), split)
             ds = datasets.load_dataset(str(p), name=subset, split=split, streaming=streaming)
@@ -258,7 +260,7 @@ def _open(source, split, subset, streaming):
     if datasets is not None and isinstance(source, datasets.Dataset | datasets.DatasetDict |
                                            datasets.IterableDataset | datasets.IterableDatasetDict):
         if streaming and isinstance(source, datasets.Dataset):
-            split = split or (str(source.split) if source.split is not None else "dataset")
+            split = split or (str(source.split) if source.split is not None else None)
             source = source.to_iterable_dataset()
         return _dataset_source(source, None, split)
     raise ValueError(f"source: expected a path, a hub id, a datasets.Dataset or a list of dicts, "
@@ -337,7 +339,7 @@ class _Row:
     def need(self, ours: str):
         v = self.get(ours)
         if v is None:
-            present = sorted(k for k, x in self.raw.items() if x is not None)
+            present = [k for k, x in self.raw.items() if x is not None]
             self.fail(f"field {self.name(ours)} is missing; columns present: {', '.join(map(str, present)) or 'none'}")
         return v
 
@@ -484,9 +486,6 @@ def _convert(r: _Row, fmt: str, stage: str) -> dict:
                 r.fail(f"field {r.name('messages')} has no assistant turn with content (nothing to learn from)")
             return r.extras({"messages": msgs}, msgs)
         v = r.need("text")
-        if stage == "ppo":
-            r.fail(f"field {r.name('text')}: plain language-modeling rows have no prompt (ppo takes "
-                   f"{', '.join(STAGE_FORMATS['ppo'][:-1])} or conversational 'messages')")
         if not isinstance(v, str):
             r.fail(f"field {r.name('text')} must be str, got {_tname(v)}")
         return r.extras({"text": r.text("text", v, answer=True)}, None)
@@ -688,6 +687,10 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
             missing = colmap.get(_FIRST_FIELD[stage], _FIRST_FIELD[stage])
             raise DataError(f"{first_where}: field {missing!r} is missing ({stage} data takes {want}); "
                             f"columns present: {', '.join(map(str, present_cols)) or 'none'}")
+        if fmt == "language_modeling" and stage == "ppo" and "messages" not in ours:
+            raise DataError(f"{label}: the {fmt} format (plain 'text', no prompt) does not fit the ppo stage; it "
+                            f"fits sft, ptx (ppo takes {', '.join(STAGE_FORMATS['ppo'][:-1])} or conversational "
+                            f"'messages')")
         if not _fits(fmt, stage):
             raise DataError(f"{label}: the {fmt} format ({_COLUMNS_OF[fmt]}) does not fit the {stage} stage; "
                             f"it fits {', '.join(_stages_of(fmt))} ({stage} takes {', '.join(STAGE_FORMATS[stage])})")

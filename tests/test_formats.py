@@ -359,7 +359,8 @@ def test_merge_preference_pairs_direct():
 # Errors name the source, the row and the field
 # ---------------------------------------------------------------------------------------------
 
-GOOD = {"sft": {"prompt": [U("p")], "completion": [A("c")]}, "rm": {"prompt": "p", "chosen": "y", "rejected": "n"}}
+GOOD = {"sft": {"prompt": [U("p")], "completion": [A("c")]}, "rm": {"prompt": "p", "chosen": "y", "rejected": "n"},
+        "ptx": {"text": "t"}}
 ERRORS = [
     ("sft", {"prompt": [{"role": "bot", "content": "p"}], "completion": [A("c")]},
      r"field 'prompt'\[0\]: unknown role 'bot' \(expected one of system, user, assistant, tool\)"),
@@ -381,6 +382,9 @@ ERRORS = [
     ("rm", {"prompt": "p", "chosen": "y", "rejected": ["n"]},
      r"mixed plain and conversational row: field 'prompt' is str, field 'rejected' is a message list"),
     ("rm", {"prompt": "p", "chosen": "y"}, r"field 'rejected' is missing; columns present: prompt, chosen"),
+    # the source has a prompt column: a row without one is an error, not an implicit-prompt pair
+    ("rm", {"chosen": "p y", "rejected": "p n"}, r"field 'prompt' is missing; columns present: chosen, rejected"),
+    ("ptx", {"prompt": "p"}, r"field 'text' is missing; columns present: prompt"),
     ("rm", {"prompt": "p", "chosen": "y", "rejected": "n", "margin": "big"},
      r"field 'margin' must be a finite number, got 'big'"),
 ]
@@ -406,7 +410,8 @@ NOT_ARROW = {r"field 'completion'\[1\] must be a \{'role', 'content'\} message, 
              r"field 'margin' must be a finite number, got 'big'",
              r"field 'ranking' must be a permutation", r"field 'ranking' must be .* got '0,1'",
              r"mixed plain and conversational row: field 'prompt' is a message list, field 'responses'\[1\] is str",
-             r"field 'responses' must be a list of K >= 2 answers"}
+             r"field 'responses' must be a list of K >= 2 answers",
+             r"field 'text' is missing; columns present: prompt"}  # from_list keeps the first row's columns
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "dataset"])

@@ -330,9 +330,6 @@ class _Row:
     def fail(self, msg: str):
         raise DataError(f"{self.where}: {msg}")
 
-    def has(self, ours: str) -> bool:
-        return self.raw.get(self.colmap.get(ours, ours)) is not None
-
     def get(self, ours: str):
         return self.raw.get(self.colmap.get(ours, ours))
 
@@ -466,10 +463,12 @@ def _implicit_prompt(r: _Row, chosen, rejected, kind: str):
     return p, a, b
 
 
-def _convert(r: _Row, fmt: str, stage: str) -> dict:
+def _convert(r: _Row, fmt: str, stage: str, ours: set[str]) -> dict:
+    """The canonical row of `r`; `ours`: our columns present in the source (which decide, for the whole
+    source, between 'messages' and 'text', and between an explicit and an implicit prompt)."""
     if fmt == "language_modeling":
-        if r.has("messages"):
-            v = r.get("messages")
+        if "messages" in ours:
+            v = r.need("messages")
             if not isinstance(v, list):
                 r.fail(f"field {r.name('messages')} must be a list of {{'role', 'content'}} messages, "
                        f"got {_tname(v)}")
@@ -503,8 +502,8 @@ def _convert(r: _Row, fmt: str, stage: str) -> dict:
         return r.extras({"prompt": prompt, "completion": r.value("completion", c, kind, answer=True)}, prompt)
     if fmt == "preference":
         c, j = r.need("chosen"), r.need("rejected")
-        if r.has("prompt"):
-            kind = r.same_kind([("prompt", r.get("prompt")), ("chosen", c), ("rejected", j)])
+        if "prompt" in ours:
+            kind = r.same_kind([("prompt", r.need("prompt")), ("chosen", c), ("rejected", j)])
             prompt = _prompt(r, kind)
             a = r.value("chosen", c, kind, answer=True)
             b = r.value("rejected", j, kind, answer=True)
@@ -694,7 +693,7 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
         if not _fits(fmt, stage):
             raise DataError(f"{label}: the {fmt} format ({_COLUMNS_OF[fmt]}) does not fit the {stage} stage; "
                             f"it fits {', '.join(_stages_of(fmt))} ({stage} takes {', '.join(STAGE_FORMATS[stage])})")
-        return fmt, cm
+        return fmt, cm, ours
 
     def stream() -> Iterator[tuple[dict, bool]]:
         it = iter(factory())
@@ -702,11 +701,11 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
             where, raw = next(it)
         except StopIteration:
             raise DataError(f"{label}: no rows") from None
-        fmt, cm = setup(where, raw)
+        fmt, cm, ours = setup(where, raw)
         while True:
             if not isinstance(raw, dict):
                 raise DataError(f"{where}: expected a dict, got {_tname(raw)}")
-            yield _convert(_Row(where, raw, cm), fmt, stage), fmt == "preference"
+            yield _convert(_Row(where, raw, cm), fmt, stage, ours), fmt == "preference"
             try:
                 where, raw = next(it)
             except StopIteration:

@@ -219,6 +219,7 @@ def test_column_remapping(tmp_path):
         load_examples(rows + [{"question": "q", "answer": "  "}], stage="sft", columns="prompt=question,"
                       "completion=answer")
     assert parse_columns("prompt=question") == {"prompt": "question"} and parse_columns(None) == {}
+    assert parse_columns("response=answer") == {"completion": "answer"}       # our legacy name
     with pytest.raises(ValueError, match=r"columns: expected 'ours=theirs' pairs .* got 'prompt'"):
         parse_columns("prompt")
     with pytest.raises(ValueError, match=r"columns: 'question' is not one of our columns"):
@@ -247,6 +248,23 @@ def test_detection_prefers_what_fits_the_stage_and_format_overrides():
         load_examples([{"txt": "x"}], stage="ptx")
 
 
+def test_a_stray_text_column_does_not_hide_the_prompt_from_ppo():
+    assert strip(load_examples([{"prompt": "p", "text": "notes"}], stage="ppo")) == [{"prompt": "p"}]
+    with pytest.raises(DataError, match=r"rows: the language_modeling format \(plain 'text', no prompt\) does not "
+                                        r"fit the ppo stage; it fits sft, ptx"):
+        load_examples([{"text": "t"}], stage="ppo")
+
+
+def test_subset_and_split_only_where_they_mean_something(tmp_path):
+    with pytest.raises(ValueError, match=r"subset: only a hub id or a dataset folder has subsets .* got 'x' for list"):
+        load_examples([{"text": "t"}], stage="sft", subset="x")
+    with pytest.raises(ValueError, match=r"split: a list of rows has one split \('train'\), got 'test'"):
+        load_examples([{"text": "t"}], stage="sft", split="test")
+    src, _ = write_source("parquet", tmp_path, [{"text": "t"}])
+    with pytest.raises(ValueError, match=r"subset: only a hub id or a dataset folder has subsets"):
+        load_examples(src, stage="sft", subset="x")
+
+
 def test_optional_columns_system_kwargs_margin():
     rows = [{"prompt": "p", "chosen": " y", "rejected": " n", "margin": 2, "system": "be kind",
              "chat_template_kwargs": {"enable_thinking": False}}]
@@ -254,6 +272,10 @@ def test_optional_columns_system_kwargs_margin():
     assert strip(got) == [{"prompt": "p", "responses": [" y", " n"], "ranking": [0, 1], "margin": 2.0,
                            "system": "be kind", "chat_template_kwargs": {"enable_thinking": False}}]
     assert got[0]["chat_template_kwargs"] is not rows[0]["chat_template_kwargs"]
+    # Arrow gives every row every key of a struct column, None where a row had none
+    src = datasets.Dataset.from_list([{"text": "a", "chat_template_kwargs": {"x": 1}},
+                                      {"text": "b", "chat_template_kwargs": {"y": True}}])
+    assert [r["chat_template_kwargs"] for r in load_examples(src, stage="sft")] == [{"x": 1}, {"y": True}]
     with pytest.raises(DataError, match=r"rows\[0\]: field 'margin' must be a finite number, got inf"):
         load_examples([dict(rows[0], margin=float("inf"))], stage="rm")
     with pytest.raises(DataError, match=r"rows\[0\]: field 'system' is given but the prompt already starts with a "

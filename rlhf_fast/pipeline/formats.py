@@ -41,8 +41,9 @@ Canonical rows (exact keys; plus ``system`` / ``chat_template_kwargs`` when give
   P is a str or a list of messages (system / user / assistant / tool turns before the answer), C a str or a
   list of assistant messages. ``_where`` names the source and row: ``file:line`` for JSONL, ``file[i]`` for a
   JSON array, ``split[i]`` for a ``datasets`` object, ``source split[i]`` for a file or folder read through
-  ``datasets`` (``source[i]`` where the data has no split name), ``rows[i]`` for a list. Message dicts are
-  copied (keys whose value is None dropped: Arrow fills them in); the caller's objects are never modified.
+  ``datasets`` (``source[i]`` where the data has no split name), ``rows[i]`` for a list. Message dicts and
+  chat_template_kwargs are copied (keys whose value is None dropped: Arrow fills them in); the caller's
+  objects are never modified.
 
 Rules
   * A ranking is valid when it has one int per response and its distinct values are exactly 0..m-1 for some
@@ -138,6 +139,7 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
         raise ValueError(f"columns: expected a dict or a 'prompt=question,...' string, got {type(spec).__name__}")
     out: dict[str, str] = {}
     for ours, theirs in items:
+        ours = "completion" if ours == "response" else ours      # our legacy name of the completion
         if ours not in CANONICAL_COLUMNS:
             raise ValueError(f"columns: {ours!r} is not one of our columns (expected one of "
                              f"{', '.join(CANONICAL_COLUMNS)}), got {ours!r}={theirs!r}")
@@ -203,7 +205,12 @@ def _json_array_source(p: Path):
 
 def _open(source, split, subset, streaming):
     """(label, columns or None, factory of (where, row) iterators) of any supported source."""
+    if subset is not None and not (isinstance(source, str | os.PathLike) and not Path(source).is_file()):
+        raise ValueError(f"subset: only a hub id or a dataset folder has subsets (configs), got {subset!r} for "
+                         f"{type(source).__name__ if not isinstance(source, str | os.PathLike) else source}")
     if isinstance(source, list | tuple):
+        if split not in (None, "train"):
+            raise ValueError(f"split: a list of rows has one split ('train'), got {split!r}")
         rows = list(source)
 
         def factory():
@@ -280,7 +287,9 @@ def _present(cols, colmap) -> set[str]:
     return out
 
 
-def _fits(fmt: str, stage: str) -> bool:
+def _fits(fmt: str, stage: str, ours: set[str]) -> bool:
+    if fmt == "language_modeling" and stage == "ppo":
+        return "messages" in ours                  # plain text has no prompt
     return fmt in STAGE_FORMATS[stage]
 
 
@@ -291,7 +300,7 @@ def _stages_of(fmt: str) -> list[str]:
 def _detect(ours: set[str], stage: str) -> str | None:
     found = [fmt for fmt, signals in _SIGNALS if any(s in ours for s in signals)]
     for fmt in found:
-        if _fits(fmt, stage):
+        if _fits(fmt, stage, ours):
             return fmt
     return found[0] if found else None
 
@@ -414,7 +423,7 @@ class _Row:
         if kw is not None:
             if not isinstance(kw, dict):
                 self.fail(f"field {self.name('chat_template_kwargs')} must be a dict, got {_tname(kw)}")
-            out["chat_template_kwargs"] = dict(kw)
+            out["chat_template_kwargs"] = {k: v for k, v in kw.items() if v is not None}
         out["_where"] = self.where
         return out
 
@@ -690,7 +699,7 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
             raise DataError(f"{label}: the {fmt} format (plain 'text', no prompt) does not fit the ppo stage; it "
                             f"fits sft, ptx (ppo takes {', '.join(STAGE_FORMATS['ppo'][:-1])} or conversational "
                             f"'messages')")
-        if not _fits(fmt, stage):
+        if not _fits(fmt, stage, ours):
             raise DataError(f"{label}: the {fmt} format ({_COLUMNS_OF[fmt]}) does not fit the {stage} stage; "
                             f"it fits {', '.join(_stages_of(fmt))} ({stage} takes {', '.join(STAGE_FORMATS[stage])})")
         return fmt, cm, ours

@@ -506,3 +506,27 @@ def test_loaders_take_the_config_options(tmp_path):
         p = tmp_path / "x.jsonl"
         p.write_text('{"text": "t"}\n')
         load_ptx(p, split="test")
+
+
+def test_todays_trainer_encoders_take_plain_rows_of_any_source(tmp_path):
+    """The SFT / RM / PPO encoders read plain rows loaded from Parquet in TRL's formats."""
+    pytest.importorskip("transformers")
+    from rlhf_fast.pipeline.data import Encoder
+    from rlhf_fast.pipeline.reward import encode_ranked
+    from rlhf_fast.pipeline.sft import encode_lm
+    from rlhf_fast.pipeline.task import build_tokenizer
+
+    enc = Encoder(build_tokenizer(), 16, 8)
+    sft_src, _ = write_source("parquet", tmp_path, [{"prompt": "write about food :", "completion": "bread ."},
+                                                    {"prompt": "write about music :", "completion": "drum"}])
+    batch = encode_lm(enc, load_sft(sft_src))
+    ref = encode_lm(enc, [{"prompt": "write about food :", "response": "bread ."},
+                          {"prompt": "write about music :", "response": "drum"}])
+    assert batch.input_ids.equal(ref.input_ids) and batch.labels.equal(ref.labels)
+    d = tmp_path / "rm"
+    d.mkdir()
+    rm_src, _ = write_source("parquet", d, [{"prompt": "write about food :", "chosen": "bread .", "rejected": "drum"},
+                                            {"prompt": "write about food :", "chosen": "drum", "rejected": "cat"}])
+    (p, answers, ranks), = encode_ranked(enc, load_ranked(rm_src, merge_pairs=True))
+    assert ranks == [0, 1, 2] and answers == [enc.response("bread ."), enc.response("drum"), enc.response("cat")]
+    assert [enc.prompt(r["prompt"]) for r in load_prompts(rm_src)] == [p, p]

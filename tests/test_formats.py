@@ -530,3 +530,42 @@ def test_todays_trainer_encoders_take_plain_rows_of_any_source(tmp_path):
     (p, answers, ranks), = encode_ranked(enc, load_ranked(rm_src, merge_pairs=True))
     assert ranks == [0, 1, 2] and answers == [enc.response("bread ."), enc.response("drum"), enc.response("cat")]
     assert [enc.prompt(r["prompt"]) for r in load_prompts(rm_src)] == [p, p]
+
+
+def closure(edges):
+    reach = {(w, l) for w, l in edges}
+    while True:
+        more = {(a, d) for a, b in reach for c, d in reach if b == c} - reach
+        if not more:
+            return reach
+        reach |= more
+
+
+def test_merge_says_exactly_what_the_pairs_imply_on_random_pair_sets():
+    import random
+
+    rng = random.Random(0)
+    merged_some = kept_some = 0
+    for _ in range(300):
+        letters = "abcdef"[: rng.randint(2, 6)]
+        edges = []
+        for _ in range(rng.randint(1, 7)):
+            w, l = rng.sample(letters, 2)
+            edges.append((w, l))
+        out = load_examples(pairs("p", *edges), stage="rm", merge_pairs=True)
+        covered = []
+        for row in out:
+            if row["_where"].count(";") == 0 and len(row["responses"]) == 2:       # a row as given
+                covered.append(tuple(row["responses"]))
+                kept_some += 1
+                continue
+            merged_some += 1
+            nodes, ranks = row["responses"], row["ranking"]
+            mine = [e for e in edges if e[0] in nodes and e[1] in nodes]
+            implied = {(a, b) for a, ra in zip(nodes, ranks, strict=True)
+                       for b, rb in zip(nodes, ranks, strict=True) if ra < rb}
+            assert implied == closure(mine), (edges, row)
+            assert sorted(set(ranks)) == list(range(len(set(ranks))))
+            covered.extend(mine)
+        assert sorted(set(covered)) == sorted(set(edges)), (edges, out)            # no pair lost
+    assert merged_some > 50 and kept_some > 50

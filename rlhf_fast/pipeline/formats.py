@@ -243,6 +243,8 @@ def _open(source, split, subset, streaming):
             import datasets
 
             if any((p / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+                if subset is not None:
+                    raise ValueError(f"subset: a save_to_disk folder has no subsets (configs), got {subset!r}")
                 ds = datasets.load_from_disk(str(p))       # memory-mapped Arrow
                 if streaming and isinstance(ds, datasets.Dataset):
                     split = split or (str(ds.split) if ds.split is not None else None)

@@ -1,10 +1,11 @@
-"""Data of the pipeline: JSONL loading with errors that name the file, line and field; tokenization
-with prompt truncation; and the padded batches the trainers consume.
+"""Data of the pipeline: the stage loaders (every format of :mod:`rlhf_fast.pipeline.formats`, with errors
+that name the source, the row and the field); tokenization with prompt truncation; and the padded batches
+the trainers consume.
 
-Formats (one JSON object per line; blank lines are skipped):
-  SFT        {"prompt": str, "response": str}
+Our own JSONL (one JSON object per line; blank lines are skipped) is one of those formats:
+  SFT        {"prompt": str, "response": str}  (read as prompt-completion)
   ranked     {"prompt": str, "responses": [str, ...] (K >= 2), "ranking": [int, ...]}
-             ``ranking[i]`` is the rank of ``responses[i]``, 0 = best, a permutation of 0..K-1
+             ``ranking[i]`` is the rank of ``responses[i]``, 0 = best; ties share a rank
   prompts    {"prompt": str}
   ptx        {"text": str} (every token counts) or {"prompt": str, "response": str} (response tokens count)
 """
@@ -25,12 +26,12 @@ class DataError(ValueError):
     """Bad user data: the message names the file, the line and the field."""
 
 
-def read_jsonl(path: str | Path, required: dict[str, type]) -> list[dict]:
-    """Objects of a JSONL file, each checked to have the `required` fields of the given types."""
+def iter_jsonl(path: str | Path):
+    """(where, object) of each JSON line of `path`, read lazily; `where` is ``file:line``."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
-    rows = []
+    seen = False
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -41,59 +42,88 @@ def read_jsonl(path: str | Path, required: dict[str, type]) -> list[dict]:
                 raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for name, tp in required.items():
-                if name not in obj:
-                    raise DataError(f"{p}:{lineno}: field {name!r} is missing")
-                if not isinstance(obj[name], tp):
-                    raise DataError(f"{p}:{lineno}: field {name!r} must be {tp.__name__}, "
-                                    f"got {type(obj[name]).__name__}")
-            obj["_where"] = f"{p}:{lineno}"
-            rows.append(obj)
-    if not rows:
+            seen = True
+            yield f"{p}:{lineno}", obj
+    if not seen:
         raise DataError(f"{p}: the file is empty (no JSON lines)")
+
+
+def read_jsonl(path: str | Path, required: dict[str, type]) -> list[dict]:
+    """Objects of a JSONL file, each checked to have the `required` fields of the given types."""
+    rows = []
+    for where, obj in iter_jsonl(path):
+        for name, tp in required.items():
+            if name not in obj:
+                raise DataError(f"{where}: field {name!r} is missing")
+            if not isinstance(obj[name], tp):
+                raise DataError(f"{where}: field {name!r} must be {tp.__name__}, got {type(obj[name]).__name__}")
+        obj["_where"] = where
+        rows.append(obj)
     return rows
 
 
-def load_sft(path) -> list[dict]:
-    return read_jsonl(path, {"prompt": str, "response": str})
+# The stage loaders read every format of rlhf_fast.pipeline.formats (TRL's standard formats, plain or
+# conversational, from JSONL / Parquet / CSV / Arrow / save_to_disk folders / hub ids / datasets objects /
+# lists) and return its canonical rows. Keyword options: format, split, subset, columns (the config fields
+# data_format, data_split, data_subset, data_columns), streaming.
+
+def _with_legacy_response(rows, legacy_response: bool):
+    """Plain prompt-completion rows also carry the completion as "response" (the key the SFT and ptx code
+    read before the canonical "completion"), unless `legacy_response` is False."""
+    if not legacy_response:
+        return rows
+
+    def add(r):
+        if isinstance(r.get("completion"), str):
+            r = dict(r)
+            r["response"] = r["completion"]
+        return r
+
+    from rlhf_fast.pipeline.formats import Rows
+
+    if isinstance(rows, Rows):
+        inner = rows
+        return Rows(lambda: (add(r) for r in inner), inner.where)
+    return [add(r) for r in rows]
 
 
-def load_prompts(path) -> list[dict]:
-    return read_jsonl(path, {"prompt": str})
+def load_sft(path, *, format=None, split=None, subset=None, columns=None, streaming=False,
+             legacy_response=True):
+    """SFT rows: language modeling ({"text"} / {"messages"}) or prompt-completion ({"prompt", "completion"})."""
+    from rlhf_fast.pipeline.formats import load_examples
+
+    rows = load_examples(path, stage="sft", format=format, split=split, subset=subset, columns=columns,
+                         streaming=streaming)
+    return _with_legacy_response(rows, legacy_response)
 
 
-def load_ranked(path) -> list[dict]:
-    """Ranked answers; checks K >= 2, strings, and that `ranking` is a permutation of 0..K-1."""
-    rows = read_jsonl(path, {"prompt": str, "responses": list, "ranking": list})
-    for r in rows:
-        where, k = r["_where"], len(r["responses"])
-        if k < 2:
-            raise DataError(f"{where}: field 'responses' needs K >= 2 answers, got {k}")
-        for i, a in enumerate(r["responses"]):
-            if not isinstance(a, str):
-                raise DataError(f"{where}: field 'responses'[{i}] must be str, got {type(a).__name__}")
-        ranking = r["ranking"]
-        if len(ranking) != k or not all(isinstance(x, int) and not isinstance(x, bool) for x in ranking) \
-                or sorted(ranking) != list(range(k)):
-            raise DataError(f"{where}: field 'ranking' must be a permutation of 0..{k - 1} (one rank per "
-                            f"response, 0 = best), got {ranking}")
-    return rows
+def load_prompts(path, *, format=None, split=None, subset=None, columns=None, streaming=False):
+    """PPO prompts ({"prompt"}): prompt-only data, or the prompt of any other format."""
+    from rlhf_fast.pipeline.formats import load_examples
+
+    return load_examples(path, stage="ppo", format=format, split=split, subset=subset, columns=columns,
+                         streaming=streaming)
 
 
-def load_ptx(path) -> list[dict]:
-    p = Path(path)
-    rows = read_jsonl(p, {})
-    for r in rows:
-        if "text" in r:
-            if not isinstance(r["text"], str):
-                raise DataError(f"{r['_where']}: field 'text' must be str, got {type(r['text']).__name__}")
-        elif "prompt" in r and "response" in r:
-            for f in ("prompt", "response"):
-                if not isinstance(r[f], str):
-                    raise DataError(f"{r['_where']}: field {f!r} must be str, got {type(r[f]).__name__}")
-        else:
-            raise DataError(f"{r['_where']}: field 'text' is missing (or give 'prompt' and 'response')")
-    return rows
+def load_ranked(path, *, format=None, split=None, subset=None, columns=None, merge_pairs=False):
+    """Reward-model rows {"prompt", "responses", "ranking", "margin"}: ranked data (K >= 2, ties allowed,
+    ``ranking[i]`` the rank of ``responses[i]``, 0 = best) or preference pairs (K = 2; ``merge_pairs=True``
+    merges consistent pairs of a prompt into one ranking)."""
+    from rlhf_fast.pipeline.formats import load_examples
+
+    return load_examples(path, stage="rm", format=format, split=split, subset=subset, columns=columns,
+                         merge_pairs=merge_pairs)
+
+
+def load_ptx(path, *, format=None, split=None, subset=None, columns=None, streaming=False,
+             legacy_response=True):
+    """ptx rows: {"text"} / {"messages"} (every token / every assistant token counts) or
+    {"prompt", "completion"} (the completion's tokens count)."""
+    from rlhf_fast.pipeline.formats import load_examples
+
+    rows = load_examples(path, stage="ptx", format=format, split=split, subset=subset, columns=columns,
+                         streaming=streaming)
+    return _with_legacy_response(rows, legacy_response)
 
 
 def write_jsonl(path, rows) -> None:

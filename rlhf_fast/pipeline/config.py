@@ -68,6 +68,12 @@ class StageConfig(ScaleOut):
                                   cli="data.columns")
 
 
+def data_options(config) -> dict:
+    """The data-source options of a stage config, as the loaders' keyword arguments."""
+    return {"format": config.data_format, "split": config.data_split, "subset": config.data_subset,
+            "columns": config.data_columns}
+
+
 def learning_rate(config, full: float, lora: float) -> float:
     """``config.lr`` when given, else the default for full fine-tuning or for LoRA (config.lora_r > 0)."""
     if config.lr is not None:

@@ -34,7 +34,7 @@ import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.chat import Encoder
-from rlhf_fast.pipeline.config import PPOConfig, learning_rate
+from rlhf_fast.pipeline.config import PPOConfig, data_options, learning_rate
 from rlhf_fast.pipeline.data import IGNORE, load_prompts, load_ptx
 from rlhf_fast.pipeline.generation import Samples, sample
 from rlhf_fast.pipeline.sft import encode_lm
@@ -156,7 +156,7 @@ class PPOTrainer:
         if prompts is None:
             if not cfg.prompts:
                 raise ValueError("prompts: give PPOConfig.prompts (a JSONL file) or pass prompts=")
-            prompts = load_prompts(cfg.prompts)
+            prompts = load_prompts(cfg.prompts, **data_options(cfg))
         if not prompts:
             raise ValueError("prompts: no prompts")
         if ptx_data is None and cfg.ptx_data:

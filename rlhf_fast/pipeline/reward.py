@@ -15,7 +15,7 @@ import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.chat import Encoder
-from rlhf_fast.pipeline.config import RMConfig, learning_rate
+from rlhf_fast.pipeline.config import RMConfig, data_options, learning_rate
 from rlhf_fast.pipeline.data import load_ranked, pad_right
 
 PACKINGS = ("shared_prefix", "padded")
@@ -109,7 +109,7 @@ class RewardTrainer(C.OneModelTrainer):
         self.model, self.tokenizer = D.prepare(model, config, self.dist, "SEQ_CLS"), tokenizer
         self.engine = D.Engine(self.model, self.dist)
         train_data = C.given_or_loaded(train_data, config.data, "data: give RMConfig.data (a ranked JSONL file) or "
-                                       "pass train_data=", lambda: load_ranked(config.data))
+                                       "pass train_data=", lambda: load_ranked(config.data, **data_options(config)))
         train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len, config.chat_template)
         self.train_rows = encode_ranked(self.encoder, train_data)

@@ -9,6 +9,7 @@ from rlhf_fast.ops.attention import (
 )
 from rlhf_fast.ops.gae import gae
 from rlhf_fast.ops.gather_logprobs import gather_logprobs
+from rlhf_fast.ops.group_advantages import group_advantages
 from rlhf_fast.ops.kl_penalty import kl_penalty
 from rlhf_fast.ops.linear import linear
 from rlhf_fast.ops.linear_logprobs import linear_logprobs
@@ -18,6 +19,6 @@ from rlhf_fast.ops.ranking_loss import RankingStats, pairwise_loss, ranking_loss
 from rlhf_fast.ops.value_loss import value_loss
 
 __all__ = ["RankingStats", "SharedPrefixLayout", "attention", "shared_prefix_attention", "shared_prefix_layout",
-           "varlen_attention", "gae", "gather_logprobs", "kl_penalty", "linear", "linear_logprobs",
+           "varlen_attention", "gae", "gather_logprobs", "group_advantages", "kl_penalty", "linear", "linear_logprobs",
     "linear_ppo_loss", "pairwise_loss",
            "ppo_policy_loss", "ranking_loss", "value_loss"]

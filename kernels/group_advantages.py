@@ -141,26 +141,87 @@ def _group_advantages_batch_kernel(
     tl.store(out_ptr + offs, tl.where(valid, y, 0.0).to(tl.float32), mask=in_bounds)
 
 
+def _block_p(n_prompts: int, k: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_K): whole groups per program, a tile of at most TILE elements (K up to MAX_K)."""
+    block_k = triton.next_power_of_2(max(k, 1))
+    return max(1, min(MAX_BLOCK_P, TILE // block_k, triton.next_power_of_2(max(n_prompts, 1)))), block_k
+
+
+def _partial_kind(mode: str, scale: str) -> int:
+    """0: no batch scaling; 1: batch statistics of the raw scores (GRPO); 2: of the advantages (whitening)."""
+    return 0 if scale != "batch" else (1 if mode == "grpo" else 2)
+
+
+def _fwd_launch(scores, mask_u8, out, parts, has_mask: bool, mode: str, scale: str, eps: float):
+    """(arguments, constexprs, num_warps, grid) of the statistics kernel."""
+    n_prompts, k = scores.shape
+    block_p, block_k = _block_p(n_prompts, k)
+    args = dict(scores_ptr=scores, mask_ptr=mask_u8, out_ptr=out, part_ptr=parts, n_prompts=n_prompts, k=k,
+                eps=eps)
+    constexprs = dict(MODE=MODE_CODES[mode], SCALE_GROUP=scale == "group", PARTIAL=_partial_kind(mode, scale),
+                      HAS_MASK=has_mask, BLOCK_P=block_p, BLOCK_K=block_k)
+    # 4 warps hold a 2048-element tile in float64 without spilling; the longest groups get 8
+    warps = 8 if block_p * block_k > TILE else 4
+    return args, constexprs, warps, (triton.cdiv(n_prompts, block_p),)
+
+
+def _batch_launch(scores, mask_u8, out, parts, n_parts: int, has_mask: bool, center: bool, eps: float):
+    """(arguments, constexprs, num_warps, grid) of the batch-scaling kernel."""
+    numel = out.numel()
+    args = dict(scores_ptr=scores, mask_ptr=mask_u8, out_ptr=out, part_ptr=parts, numel=numel, n_parts=n_parts,
+                eps=eps)
+    constexprs = dict(CENTER=center, HAS_MASK=has_mask, BLOCK=SCALE_BLOCK, PARTS=PARTS_BLOCK)
+    return args, constexprs, 4, (triton.cdiv(numel, SCALE_BLOCK),)
+
+
 def group_advantages_fwd(scores: torch.Tensor, mask: torch.Tensor | None, mode: str, scale: str,
                          eps: float) -> torch.Tensor:
     """scores (P, K) contiguous, mask (P, K) bool contiguous or None -> advantages (P, K) fp32."""
     n_prompts, k = scores.shape
     out = torch.empty((n_prompts, k), dtype=torch.float32, device=scores.device)
     if out.numel() == 0:
-        return out.zero_()
-    block_k = triton.next_power_of_2(k)
-    block_p = max(1, min(MAX_BLOCK_P, TILE // block_k, triton.next_power_of_2(n_prompts)))
-    programs = triton.cdiv(n_prompts, block_p)
-    partial = 0 if scale != "batch" else (1 if mode == "grpo" else 2)
-    parts = torch.empty((programs if partial else 1, 5), dtype=torch.float64, device=scores.device)
+        return out
+    programs = triton.cdiv(n_prompts, _block_p(n_prompts, k)[0])
+    partial = _partial_kind(mode, scale)
+    parts = torch.empty((programs if partial else 1, N_PARTIAL), dtype=torch.float64, device=scores.device)
     mask_u8 = mask.view(torch.uint8) if mask is not None else scores  # a dummy pointer without a mask
-    _group_advantages_fwd_kernel[(programs,)](
-        scores, mask_u8, out, parts, n_prompts, k, eps,
-        MODE=MODE_CODES[mode], SCALE_GROUP=scale == "group", PARTIAL=partial, HAS_MASK=mask is not None,
-        BLOCK_P=block_p, BLOCK_K=block_k)
+    args, constexprs, warps, grid = _fwd_launch(scores, mask_u8, out, parts, mask is not None, mode, scale, eps)
+    _group_advantages_fwd_kernel[grid](**args, **constexprs, num_warps=warps)
     if partial:
-        numel = out.numel()
-        _group_advantages_batch_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
-            scores, mask_u8, out, parts, numel, programs, eps,
-            CENTER=partial == 2, HAS_MASK=mask is not None, BLOCK=SCALE_BLOCK, PARTS=PARTS_BLOCK)
+        args, constexprs, warps, grid = _batch_launch(scores.view(-1), mask_u8.view(-1), out.view(-1), parts,
+                                                      programs, mask is not None, partial == 2, eps)
+        _group_advantages_batch_kernel[grid](**args, **constexprs, num_warps=warps)
     return out
+
+
+# (dtype, P, K): a GRPO size (one tile = many groups) and the longest groups (one group per program)
+AOT_CASES = ((torch.float32, 4096, 8), (torch.bfloat16, 4096, 8), (torch.float32, 64, MAX_K))
+# (mode, scale, mask): each code path of the statistics kernel once (group scale, batch statistics of
+# the scores, the RLOO factor, whitening without groups)
+AOT_CONFIGS = (("grpo", "group", True), ("grpo", "batch", False), ("rloo", "none", True),
+               ("reinforce_pp", "batch", True))
+
+
+def aot_specs(cases=AOT_CASES, configs=AOT_CONFIGS):
+    """The launcher's configurations for `cases` x `configs`, and the batch-scaling kernel with and without
+    centering; built from the launcher's own argument builders on meta tensors."""
+    from rlhf_fast.kernels._aot import SpecSet, spec_from_args
+
+    meta = dict(device="meta")
+    specs = SpecSet()
+    for dtype, n_prompts, k in cases:
+        scores = torch.empty((n_prompts, k), dtype=dtype, **meta)
+        mask = torch.empty((n_prompts, k), dtype=torch.uint8, **meta)
+        out = torch.empty((n_prompts, k), dtype=torch.float32, **meta)
+        parts = torch.empty((n_prompts, N_PARTIAL), dtype=torch.float64, **meta)
+        shape = f"{str(dtype).removeprefix('torch.')} P={n_prompts} K={k}"
+        for mode, scale, has_mask in configs:
+            args, constexprs, warps, _ = _fwd_launch(scores, mask, out, parts, has_mask, mode, scale, 1e-4)
+            specs.add(spec_from_args(f"group_advantages_fwd[{mode},{scale}]", _group_advantages_fwd_kernel, args,
+                                     constexprs, warps, 1), shape)
+        for center in (False, True):
+            args, constexprs, warps, _ = _batch_launch(scores.view(-1), mask.view(-1), out.view(-1), parts, n_prompts,
+                                                       True, center, 1e-4)
+            specs.add(spec_from_args("group_advantages_batch" + ("+center" if center else ""),
+                                     _group_advantages_batch_kernel, args, constexprs, warps, 1), shape)
+    return specs.specs()

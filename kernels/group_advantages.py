@@ -7,7 +7,8 @@ group statistics are one launch that reads the scores (and the mask) once and wr
 advantages once, a (BLOCK_P, BLOCK_K) tile of whole groups per program: b + 1 + 4 bytes per answer.
 Batch scaling (GRPO's scale="batch", REINFORCE++ whitening) adds one launch that combines the
 per-program partial statistics (count, mean, M2, min, max; Chan's formula, in a fixed order, so the
-result is deterministic) and rescales the advantages in place: 4 + b + 1 read and 4 written per answer.
+result is deterministic) and rescales the advantages, which the first kernel then leaves in float64:
+8 + 8 + b + 1 read and 4 written per answer.
 
 Statistics in float64: a sum of squares of fp32 scores near 1e38 does not overflow, so any finite
 score gives finite statistics, and the cost is nothing at these sizes (the kernels are launch bound).
@@ -44,7 +45,7 @@ def _valid_scores(scores_ptr, mask_ptr, offs, in_bounds, HAS_MASK: tl.constexpr)
 def _group_advantages_fwd_kernel(
     scores_ptr,   # (P, K) any float dtype, contiguous
     mask_ptr,     # (P, K) uint8 (1 = valid), contiguous; unused without HAS_MASK
-    out_ptr,      # (P, K) fp32: the advantages (before batch scaling)
+    out_ptr,      # (P, K) fp32 advantages; float64 when batch scaling follows (the input of the next kernel)
     part_ptr,     # (programs, 5) fp64: count, mean, M2, min, max of the batch statistic; unused if PARTIAL == 0
     n_prompts, k, eps,
     MODE: tl.constexpr, SCALE_GROUP: tl.constexpr, PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -76,9 +77,9 @@ def _group_advantages_fwd_kernel(
     if MODE != 3:
         c = tl.where(constant[:, None], 0.0, c)
     c = tl.where(valid, c, 0.0)
-    if SCALE_GROUP:
-        c = c / (std + eps)[:, None]
-    tl.store(out_ptr + offs, c.to(tl.float32), mask=in_bounds)
+    if SCALE_GROUP:  # a zero divisor (eps = 0) only meets constant groups, whose c is 0: never 0 / 0
+        c = c / tl.where(std + eps > 0.0, std + eps, 1.0)[:, None]
+    tl.store(out_ptr + offs, c.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
     if PARTIAL != 0:  # 1: batch statistics of the raw scores (GRPO scale="batch"); 2: of the advantages
         x = r if PARTIAL == 1 else c
@@ -100,7 +101,8 @@ def _group_advantages_fwd_kernel(
 def _group_advantages_batch_kernel(
     scores_ptr,   # (N,) any float dtype: validity only
     mask_ptr,     # (N,) uint8; unused without HAS_MASK
-    out_ptr,      # (N,) fp32, rescaled in place (our own buffer, never the caller's)
+    c_ptr,        # (N,) fp64 advantages before batch scaling, from the first kernel
+    out_ptr,      # (N,) fp32 advantages
     part_ptr,     # (n_parts, 5) fp64 partial statistics of the first kernel
     numel, n_parts, eps,
     CENTER: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
@@ -129,15 +131,16 @@ def _group_advantages_batch_kernel(
         hi = tl.maximum(hi, tl.max(tl.load(part_ptr + j * 5 + 4, mask=there, other=float("-inf")), axis=0))
     std = tl.where(total >= 2.0, tl.sqrt(m2 / tl.maximum(total - 1.0, 1.0)), 0.0)
     constant = (total < 2.0) | (hi == lo)
+    denom = tl.where(std + eps > 0.0, std + eps, 1.0)  # 0 only with eps = 0 on a constant batch
 
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offs < numel
     _, valid = _valid_scores(scores_ptr, mask_ptr, offs, in_bounds, HAS_MASK)
-    c = tl.load(out_ptr + offs, mask=in_bounds, other=0.0).to(tl.float64)
+    c = tl.load(c_ptr + offs, mask=in_bounds, other=0.0)
     if CENTER:  # whitening: a batch whose values are all equal whitens to 0
-        y = tl.where(constant, 0.0, (c - mean) / (std + eps))
+        y = tl.where(constant, 0.0, (c - mean) / denom)
     else:
-        y = c / (std + eps)
+        y = c / denom
     tl.store(out_ptr + offs, tl.where(valid, y, 0.0).to(tl.float32), mask=in_bounds)
 
 
@@ -165,11 +168,11 @@ def _fwd_launch(scores, mask_u8, out, parts, has_mask: bool, mode: str, scale: s
     return args, constexprs, warps, (triton.cdiv(n_prompts, block_p),)
 
 
-def _batch_launch(scores, mask_u8, out, parts, n_parts: int, has_mask: bool, center: bool, eps: float):
+def _batch_launch(scores, mask_u8, c, out, parts, n_parts: int, has_mask: bool, center: bool, eps: float):
     """(arguments, constexprs, num_warps, grid) of the batch-scaling kernel."""
     numel = out.numel()
-    args = dict(scores_ptr=scores, mask_ptr=mask_u8, out_ptr=out, part_ptr=parts, numel=numel, n_parts=n_parts,
-                eps=eps)
+    args = dict(scores_ptr=scores, mask_ptr=mask_u8, c_ptr=c, out_ptr=out, part_ptr=parts, numel=numel,
+                n_parts=n_parts, eps=eps)
     constexprs = dict(CENTER=center, HAS_MASK=has_mask, BLOCK=SCALE_BLOCK, PARTS=PARTS_BLOCK)
     return args, constexprs, 4, (triton.cdiv(numel, SCALE_BLOCK),)
 
@@ -185,11 +188,14 @@ def group_advantages_fwd(scores: torch.Tensor, mask: torch.Tensor | None, mode: 
     partial = _partial_kind(mode, scale)
     parts = torch.empty((programs if partial else 1, N_PARTIAL), dtype=torch.float64, device=scores.device)
     mask_u8 = mask.view(torch.uint8) if mask is not None else scores  # a dummy pointer without a mask
-    args, constexprs, warps, grid = _fwd_launch(scores, mask_u8, out, parts, mask is not None, mode, scale, eps)
+    # Before batch scaling the advantages stay float64: r - m_g of scores near 1e38 exceeds fp32's range
+    # although the scaled result does not.
+    c = torch.empty((n_prompts, k), dtype=torch.float64, device=scores.device) if partial else out
+    args, constexprs, warps, grid = _fwd_launch(scores, mask_u8, c, parts, mask is not None, mode, scale, eps)
     _group_advantages_fwd_kernel[grid](**args, **constexprs, num_warps=warps)
     if partial:
-        args, constexprs, warps, grid = _batch_launch(scores.view(-1), mask_u8.view(-1), out.view(-1), parts,
-                                                      programs, mask is not None, partial == 2, eps)
+        args, constexprs, warps, grid = _batch_launch(scores.view(-1), mask_u8.view(-1), c.view(-1), out.view(-1),
+                                                      parts, programs, mask is not None, partial == 2, eps)
         _group_advantages_batch_kernel[grid](**args, **constexprs, num_warps=warps)
     return out
 
@@ -213,15 +219,17 @@ def aot_specs(cases=AOT_CASES, configs=AOT_CONFIGS):
         scores = torch.empty((n_prompts, k), dtype=dtype, **meta)
         mask = torch.empty((n_prompts, k), dtype=torch.uint8, **meta)
         out = torch.empty((n_prompts, k), dtype=torch.float32, **meta)
+        c64 = torch.empty((n_prompts, k), dtype=torch.float64, **meta)
         parts = torch.empty((n_prompts, N_PARTIAL), dtype=torch.float64, **meta)
         shape = f"{str(dtype).removeprefix('torch.')} P={n_prompts} K={k}"
         for mode, scale, has_mask in configs:
-            args, constexprs, warps, _ = _fwd_launch(scores, mask, out, parts, has_mask, mode, scale, 1e-4)
+            c = c64 if scale == "batch" else out
+            args, constexprs, warps, _ = _fwd_launch(scores, mask, c, parts, has_mask, mode, scale, 1e-4)
             specs.add(spec_from_args(f"group_advantages_fwd[{mode},{scale}]", _group_advantages_fwd_kernel, args,
                                      constexprs, warps, 1), shape)
         for center in (False, True):
-            args, constexprs, warps, _ = _batch_launch(scores.view(-1), mask.view(-1), out.view(-1), parts, n_prompts,
-                                                       True, center, 1e-4)
+            args, constexprs, warps, _ = _batch_launch(scores.view(-1), mask.view(-1), c64.view(-1), out.view(-1),
+                                                       parts, n_prompts, True, center, 1e-4)
             specs.add(spec_from_args("group_advantages_batch" + ("+center" if center else ""),
                                      _group_advantages_batch_kernel, args, constexprs, warps, 1), shape)
     return specs.specs()

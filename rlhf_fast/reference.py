@@ -706,7 +706,7 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 ADVANTAGE_DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp": "batch",
                            "reinforce_pp_baseline": "batch"}
 ADVANTAGE_ALLOWED_SCALES = {"grpo": ("group", "batch", "none"), "dr_grpo": ("none",), "rloo": ("none", "batch"),
-                            "reinforce_pp": ("batch", "none"), "reinforce_pp_baseline": ("batch", "none")}
+                            "reinforce_pp": ("batch",), "reinforce_pp_baseline": ("batch",)}
 
 
 def _batch_stats(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -775,14 +775,16 @@ def group_advantages_ref(scores: Tensor, *, mode: str = "grpo", scale: str | Non
     if mode != "reinforce_pp":
         c = torch.where(constant, 0.0, c)
     c = torch.where(valid, c, 0.0)
+    # a zero divisor (eps = 0) only meets zero numerators (constant groups / batches): 0, never 0 / 0
+    safe = lambda d: torch.where(d > 0, d, torch.ones_like(d))
     if scale == "group":
-        c = c / (std[index] + eps)
+        c = c / safe(std[index] + eps)
     elif scale == "batch" and mode == "grpo":
         _, std_b, _ = _batch_stats(r, valid)
-        c = c / (std_b + eps)
+        c = c / safe(std_b + eps)
     elif scale == "batch":
         mean_b, std_b, constant_b = _batch_stats(c, valid)
-        c = torch.where(constant_b, 0.0, (c - mean_b) / (std_b + eps))
+        c = torch.where(constant_b, 0.0, (c - mean_b) / safe(std_b + eps))
     c = torch.where(valid, c, 0.0)
     return c.float().reshape(scores.shape)
 

@@ -97,7 +97,7 @@ def group_advantages(scores: Tensor, *, mode: str = "grpo", scale: str | None = 
         scale: ``"group"``, ``"batch"`` or ``"none"``; ``None`` takes the mode's own (grpo: group,
             dr_grpo and rloo: none, reinforce_pp and reinforce_pp_baseline: batch). Accepted: grpo any
             (TRL's ``scale_rewards``), dr_grpo ``"none"``, rloo ``"none"``/``"batch"`` (TRL's
-            ``normalize_advantages``), reinforce_pp(_baseline) ``"batch"``/``"none"``.
+            ``normalize_advantages``), reinforce_pp(_baseline) ``"batch"`` only (whitening is what they are).
         mask: shaped like ``scores``, bool or numbers (nonzero = valid); ``None`` = all valid. A dropped
             answer (and any answer whose score is NaN or +-inf, TRL's mark of an unscorable completion)
             gets advantage 0 and enters no statistic; its score is never used.

@@ -65,7 +65,7 @@ def _torch_forward(pc, pr, rc, rr, len_c, len_r, beta, loss_type, label_smoothin
             else:
                 d_c, d_r = d, -d
         else:
-            d_c = d_r = loss.new_empty((0,))
+            d_c, d_r = loss.new_empty((0,)), loss.new_empty((0,))  # two tensors: outputs never alias
         return (loss, stats["chosen_rewards"], stats["rejected_rewards"], stats["reward_accuracy"],
                 stats["reward_margin"], d_c.contiguous(), d_r.contiguous())
 
@@ -98,6 +98,7 @@ def _(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, 
 
 def _setup_context(ctx, inputs, output):
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.pairs = inputs[0].shape[0]
     d_c, d_r = output[5], output[6]
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(d_c, d_r)
@@ -109,7 +110,7 @@ def _backward(ctx, grad_loss, *_):
     none = (None,) * 6
     if grad_loss is None:
         return (None, None) + none
-    if d_c.numel() == 0 and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
+    if d_c.shape[0] != ctx.pairs:
         raise RuntimeError("dpo_loss: no derivative was saved (the forward ran without grad)")
     g = grad_loss.float()
     return (g * d_c).to(ctx.dtypes[0]), (g * d_r).to(ctx.dtypes[1]), *none

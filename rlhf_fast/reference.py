@@ -748,28 +748,34 @@ def group_advantages_ref(scores: Tensor, *, mode: str = "grpo", scale: str | Non
     if mask is not None:
         valid = valid & (mask.reshape(-1) != 0)
     r = torch.where(valid, r, 0.0)
-    if group_ids is None:
-        k = scores.shape[-1] if scores.dim() == 2 else max(r.numel(), 1)
-        index = torch.arange(r.numel(), device=r.device) // max(k, 1)
-        groups = r.numel() // max(k, 1)
-    else:
+    if r.numel() == 0:
+        return r.float().reshape(scores.shape)
+    if group_ids is None:  # (P, K): one group per row, reductions along the rows
+        rows, keep = r.view(-1, scores.shape[-1]), valid.view(-1, scores.shape[-1])
+        n = keep.sum(dim=1, keepdim=True).double()
+        mean = rows.sum(dim=1, keepdim=True) / n.clamp(min=1)
+        dev = torch.where(keep, rows - mean, 0.0)
+        std = ((dev * dev).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        hi = torch.where(keep, rows, float("-inf")).amax(dim=1, keepdim=True)
+        lo = torch.where(keep, rows, float("inf")).amin(dim=1, keepdim=True)
+        flat = lambda x: x.expand_as(rows).reshape(-1)
+        n, std, constant, dev = flat(n), flat(std), flat((n < 2) | (hi == lo)), dev.reshape(-1)
+    else:  # flat answers: segment sums over the groups, numbered 0 .. G-1 in order of their ids
         _, index = torch.unique(group_ids.reshape(-1), return_inverse=True)
-        groups = int(index.max()) + 1 if index.numel() else 0
-    zeros = lambda: r.new_zeros(groups)
-    n = zeros().index_add_(0, index, valid.double())
-    mean = zeros().index_add_(0, index, r) / n.clamp(min=1)
-    dev = torch.where(valid, r - mean[index], 0.0)
-    var = zeros().index_add_(0, index, dev * dev) / (n - 1).clamp(min=1)
-    std = var.sqrt()
-    hi = zeros().fill_(float("-inf")).scatter_reduce_(0, index, torch.where(valid, r, float("-inf")), "amax")
-    lo = zeros().fill_(float("inf")).scatter_reduce_(0, index, torch.where(valid, r, float("inf")), "amin")
-    constant = ((n < 2) | (hi == lo))[index]
+        groups = int(index.max()) + 1
+        zeros = lambda: r.new_zeros(groups)
+        n = zeros().index_add_(0, index, valid.double())
+        mean = zeros().index_add_(0, index, r) / n.clamp(min=1)
+        dev = torch.where(valid, r - mean[index], 0.0)
+        std = (zeros().index_add_(0, index, dev * dev) / (n - 1).clamp(min=1)).sqrt()
+        hi = zeros().fill_(float("-inf")).scatter_reduce_(0, index, torch.where(valid, r, float("-inf")), "amax")
+        lo = zeros().fill_(float("inf")).scatter_reduce_(0, index, torch.where(valid, r, float("inf")), "amin")
+        n, std, constant = n[index], std[index], ((n < 2) | (hi == lo))[index]
 
     if mode == "reinforce_pp":
         c = r
     elif mode == "rloo":
-        ni = n[index]
-        c = dev * ni / (ni - 1).clamp(min=1)
+        c = dev * n / (n - 1).clamp(min=1)
     else:
         c = dev
     if mode != "reinforce_pp":
@@ -778,7 +784,7 @@ def group_advantages_ref(scores: Tensor, *, mode: str = "grpo", scale: str | Non
     # a zero divisor (eps = 0) only meets zero numerators (constant groups / batches): 0, never 0 / 0
     safe = lambda d: torch.where(d > 0, d, torch.ones_like(d))
     if scale == "group":
-        c = c / safe(std[index] + eps)
+        c = c / safe(std + eps)
     elif scale == "batch" and mode == "grpo":
         _, std_b, _ = _batch_stats(r, valid)
         c = c / safe(std_b + eps)

@@ -4,7 +4,7 @@ sequence log-probs, with the reward statistics trainers log.
 Flow: public function (validates, flattens to (P,)) -> custom op ``rlhf_fast::dpo_loss`` (fake impl +
 registered autograd, so it traces under torch.compile and passes opcheck) -> the backend chosen by
 rlhf_fast.backends: torch (reference.dpo_loss_ref's formulas, with the derivative written in the same
-pass). There is no kernel: see below.
+pass; tests/test_dpo_loss.py holds them equal). There is no kernel: see below.
 
 Cost model, P pairs: the inputs are four (P,) vectors of sequence log-probs (P is the batch size,
 tens to thousands), so the op is bound by launches, not bytes: the eager formula as TRL writes it is
@@ -21,11 +21,12 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_fast import _validation as V
 from rlhf_fast.backends import op_registry
-from rlhf_fast.reference import DPO_LOSS_TYPES, dpo_logits_ref, dpo_loss_dlogits_ref, dpo_loss_ref
+from rlhf_fast.reference import DPO_LOSS_TYPES
 
 OP = op_registry("dpo_loss")
 LOSS_CODES = {name: code for code, name in enumerate(DPO_LOSS_TYPES)}
@@ -52,22 +53,45 @@ class DPOStats(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 def _torch_forward(pc, pr, rc, rr, len_c, len_r, beta, loss_type, label_smoothing, need_grad):
+    # reference.dpo_loss_ref's formulas (tested equal to it), evaluated once: the loss and its derivative
+    # share the log-ratios and the sigmoid, and the label-smoothing terms are skipped when ls = 0.
     with torch.no_grad():
-        loss, stats = dpo_loss_ref(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                                   chosen_lengths=len_c, rejected_lengths=len_r)
-        if need_grad:
-            delta, _, _ = dpo_logits_ref(pc, pr, rc, rr, loss_type=loss_type, chosen_lengths=len_c,
-                                         rejected_lengths=len_r)
-            d = dpo_loss_dlogits_ref(delta, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-            d = d / max(d.numel(), 1)
-            if loss_type in _LENGTH_TYPES and len_c is not None:
-                d_c, d_r = d / len_c.float().clamp(min=1.0), -d / len_r.float().clamp(min=1.0)
-            else:
-                d_c, d_r = d, -d
+        lc, lr = pc.float() - rc.float(), pr.float() - rr.float()
+        normalized = loss_type in _LENGTH_TYPES and len_c is not None
+        if normalized:
+            inv_c, inv_r = 1.0 / len_c.float().clamp(min=1.0), 1.0 / len_r.float().clamp(min=1.0)
+            x = beta * (lc * inv_c - lr * inv_r)
         else:
-            d_c, d_r = loss.new_empty((0,)), loss.new_empty((0,))  # two tensors: outputs never alias
-        return (loss, stats["chosen_rewards"], stats["rejected_rewards"], stats["reward_accuracy"],
-                stats["reward_margin"], d_c.contiguous(), d_r.contiguous())
+            x = beta * (lc - lr)
+        ls = label_smoothing
+        if loss_type in ("sigmoid", "robust", "sigmoid_norm"):
+            per_pair = -F.logsigmoid(x)  # -log sigmoid(x)
+            d = -torch.sigmoid(-x)       # d/dx of it
+            if ls:
+                sign = 1.0 if loss_type == "sigmoid" else -1.0
+                per_pair = (1 - ls) * per_pair + sign * ls * (-F.logsigmoid(-x))
+                d = (1 - ls) * d + sign * ls * torch.sigmoid(x)
+            if loss_type == "robust":
+                per_pair, d = per_pair / (1 - 2 * ls), d / (1 - 2 * ls)
+            d = d * beta
+        elif loss_type == "hinge":
+            per_pair = torch.relu(1 - x)
+            d = torch.where(x < 1, -beta, 0.0)
+        else:  # ipo: (h - 1 / (2 beta))^2 with h = x / beta
+            shifted = x / beta - 1 / (2 * beta)
+            per_pair, d = shifted * shifted, 2 * shifted
+        p = x.shape[0]
+        chosen, rejected = beta * lc, beta * lr
+        if p:
+            loss, accuracy, margin = per_pair.mean(), (chosen > rejected).float().mean(), (chosen - rejected).mean()
+        else:
+            loss, accuracy, margin = (x.new_zeros(()) for _ in range(3))
+        if need_grad:
+            d = d / max(p, 1)
+            d_c, d_r = (d * inv_c, -d * inv_r) if normalized else (d, -d)
+        else:
+            d_c, d_r = x.new_empty((0,)), x.new_empty((0,))  # two tensors: outputs never alias
+        return loss, chosen, rejected, accuracy, margin, d_c, d_r
 
 
 OP.register("torch", _torch_forward)

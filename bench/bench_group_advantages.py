@@ -72,6 +72,11 @@ def sweep(case: Case) -> list[tuple[str, str, int]]:
     return [("K=8 grpo/group fp32", "P", case.prompts)]
 
 
+def cost(case: Case) -> dict:
+    """The shape rlhf_fast.kernels._aot.op_cost takes (compulsory bytes of the Triton kernels)."""
+    return dict(prompts=case.prompts, k=case.k, dtype=dtype_name(case.dtype), batch=case.scale == "batch")
+
+
 def providers(device: str) -> list[str]:
     return ["trl", "verl_loop", "compile"]
 

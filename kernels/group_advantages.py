@@ -201,11 +201,10 @@ def group_advantages_fwd(scores: torch.Tensor, mask: torch.Tensor | None, mode: 
 
 
 # (dtype, P, K): a GRPO size (one tile = many groups) and the longest groups (one group per program)
-AOT_CASES = ((torch.float32, 4096, 8), (torch.bfloat16, 4096, 8), (torch.float32, 64, MAX_K))
-# (mode, scale, mask): each code path of the statistics kernel once (group scale, batch statistics of
-# the scores, the RLOO factor, whitening without groups)
-AOT_CONFIGS = (("grpo", "group", True), ("grpo", "batch", False), ("rloo", "none", True),
-               ("reinforce_pp", "batch", True))
+AOT_CASES = ((torch.float32, 4096, 8), (torch.float32, 64, MAX_K))
+# (mode, scale, mask): the group-scaled path and the whitening path (with the batch kernel); the other
+# modes differ from these by a few element-wise operations. Kept small: the suite compiles every spec.
+AOT_CONFIGS = (("grpo", "group", True), ("reinforce_pp", "batch", True))
 
 
 def aot_specs(cases=AOT_CASES, configs=AOT_CONFIGS):

@@ -620,6 +620,12 @@ def op_cost(op: str, mode: str, **p) -> Cost:
         if fwd:
             return Cost(reads + 4, flops=20.0 * pairs)
         return Cost(reads + n * k * e, flops=25.0 * pairs)
+    if op == "group_advantages":  # prompts, k; batch (batch scaling: a second pass, float64 in between)
+        n, batch = p["prompts"] * p["k"], bool(p.get("batch", False))
+        if not fwd:
+            return Cost(0.0)  # advantages have no backward
+        # read scores and mask, write fp32; with batch scaling write float64, read it, scores and mask again
+        return Cost(n * (2 * e + 2 + 20) if batch else n * (e + 1 + 4), flops=(15.0 + 6 * batch) * n)
     if op == "attention":  # attention_shape(...)
         shape = {k: p[k] for k in ("heads", "kv_heads", "head_dim", "q_tokens", "k_tokens", "pairs")}
         q, kv, row, mac, prec = _attention_parts(**shape, dtype=p.get("dtype", "bf16"))
@@ -641,6 +647,7 @@ KERNEL_OPS = {
     "ranking_loss_fwd": "ranking_loss", "ranking_loss_bwd": "ranking_loss", "ranking_loss_finalize": "ranking_loss",
     "attention_fwd": "attention", "attention_bwd_preprocess": "attention", "attention_bwd_dkdv": "attention",
     "attention_bwd_dq": "attention",
+    "group_advantages_fwd": "group_advantages", "group_advantages_batch": "group_advantages",
 }
 
 
@@ -686,6 +693,11 @@ def kernel_cost(name: str, **p) -> Cost:
         if base == "gae_merge_moments":
             return Cost(p.get("sequences", 256) * 12 + 8, flops=10.0 * p.get("sequences", 256))
         return Cost(t * (4 + 1 + 4), flops=2.0 * t)  # gae_whiten: read adv and mask, write adv
+    if op == "group_advantages":
+        n = p["prompts"] * p["k"]
+        if base == "group_advantages_batch":  # read float64 advantages, scores, mask; write fp32
+            return Cost(n * (8 + e + 1 + 4), flops=6.0 * n)
+        return Cost(n * (e + 1 + (8 if ",batch]" in name else 4)), flops=15.0 * n)
     if op == "ranking_loss":
         if base.endswith("finalize"):
             return Cost(p.get("programs", 128) * 40 + 4, flops=4.0 * p.get("programs", 128))
@@ -724,6 +736,8 @@ GPU_SHAPES: dict[str, list[tuple[str, dict]]] = {
     "gae": [("B=256 T=2048 fp32", dict(tokens=256 * 2048, sequences=256, dtype="fp32")),
             ("B=256 T=2048 fp32 +whiten", dict(tokens=256 * 2048, sequences=256, dtype="fp32", whiten=True))],
     "ranking_loss": [("P=1024 K=9 bf16 ranked", dict(prompts=1024, k=9, dtype="bf16", ranked=True))],
+    "group_advantages": [("P=16384 K=16 fp32", dict(prompts=16384, k=16, dtype="fp32")),
+                         ("P=65536 K=8 fp32 batch", dict(prompts=65536, k=8, dtype="fp32", batch=True))],
     "attention": [
         ("dense causal B=8 H=32 T=2048 D=128",
          attention_shape("dense", batch=8, heads=32, seqlen=2048, head_dim=128)),
@@ -761,7 +775,7 @@ def op_estimates(ops=None) -> list[dict]:
     for op, shapes in GPU_SHAPES.items():
         if ops and op not in ops:
             continue
-        modes = ("fwd",) if op == "gae" else ("fwd", "bwd", "fwd+bwd")
+        modes = ("fwd",) if op in ("gae", "group_advantages") else ("fwd", "bwd", "fwd+bwd")
         for label, shape in shapes:
             for mode in modes:
                 rows.append({"op": op, "shape": label, "mode": mode, **estimate(op_cost(op, mode, **shape))})

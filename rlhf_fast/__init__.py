@@ -3,11 +3,14 @@
 from rlhf_fast._native import cpu_capability, cpu_gemm_engine, has_native, release_cpu_buffers
 from rlhf_fast.backends import BACKENDS, backends_available, select_backend
 from rlhf_fast.ops import (
+    DPOStats,
     RankingStats,
     SharedPrefixLayout,
     attention,
+    dpo_loss,
     gae,
     gather_logprobs,
+    group_advantages,
     kl_penalty,
     linear,
     linear_logprobs,
@@ -25,14 +28,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DPOStats",
     "RankingStats",
     "SharedPrefixLayout",
     "attention",
     "backends_available",
     "cpu_capability",
     "cpu_gemm_engine",
+    "dpo_loss",
     "gae",
     "gather_logprobs",
+    "group_advantages",
     "has_native",
     "kl_penalty",
     "linear",

@@ -694,3 +694,185 @@ def masked_attention_backward_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
         return x.unflatten(-3, (hkv, group)).sum(dim=-3)
 
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_advantages: GRPO / Dr. GRPO / RLOO / REINFORCE++ advantages from one score per answer
+# ---------------------------------------------------------------------------------------------
+
+ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+# The scale each mode takes when none is given, and the scales it accepts.
+ADVANTAGE_DEFAULT_SCALE = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "reinforce_pp": "batch",
+                           "reinforce_pp_baseline": "batch"}
+ADVANTAGE_ALLOWED_SCALES = {"grpo": ("group", "batch", "none"), "dr_grpo": ("none",), "rloo": ("none", "batch"),
+                            "reinforce_pp": ("batch",), "reinforce_pp_baseline": ("batch",)}
+
+
+def _batch_stats(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, unbiased std (0 below two values), constant: fewer than two values or max == min) of the valid
+    entries of x (float64)."""
+    n = valid.sum()
+    mean = torch.where(valid, x, 0.0).sum() / n.clamp(min=1)
+    var = torch.where(valid, (x - mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1)
+    std = torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
+    hi = torch.where(valid, x, float("-inf")).max() if x.numel() else x.new_zeros(())
+    lo = torch.where(valid, x, float("inf")).min() if x.numel() else x.new_zeros(())
+    return mean, std, (n < 2) | (hi == lo)
+
+
+def group_advantages_ref(scores: Tensor, *, mode: str = "grpo", scale: str | None = None, mask: Tensor | None = None,
+                         group_ids: Tensor | None = None, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages from one score per answer, fp32, shaped like ``scores``.
+
+    ``scores`` (P, K): K answers to each of P prompts; or (N,) flat with ``group_ids`` (N,) (equal ids = one
+    group). An answer is valid where ``mask`` is true (default all) and its score is finite; invalid answers
+    get 0 and are left out of every statistic. Per group g with n valid answers, mean m_g and unbiased
+    (Bessel, n - 1) std s_g; over the batch (all valid answers) mean m_B and unbiased std s_B:
+
+        grpo                   c = r - m_g      scale group: c / (s_g + eps); batch: c / (s_B(r) + eps)
+        dr_grpo                c = r - m_g      (no scale)
+        rloo                   c = n / (n - 1) * (r - m_g) = r - mean of the other n - 1 answers
+        reinforce_pp           c = r            scale batch: (c - m_B(c)) / (s_B(c) + eps)
+        reinforce_pp_baseline  c = r - m_g      scale batch: (c - m_B(c)) / (s_B(c) + eps)
+        rloo, scale batch      (c - m_B(c)) / (s_B(c) + eps)
+        scale none             c
+
+    A group with fewer than two valid answers or whose valid answers all score the same gives c = 0
+    (all modes but reinforce_pp, which has no groups); a batch whose values are all equal whitens to 0.
+    Statistics in float64 (finite for any finite fp32 score).
+    """
+    scale = ADVANTAGE_DEFAULT_SCALE[mode] if scale is None else scale
+    r = scores.detach().double().reshape(-1)
+    valid = torch.isfinite(r)
+    if mask is not None:
+        valid = valid & (mask.reshape(-1) != 0)
+    r = torch.where(valid, r, 0.0)
+    if r.numel() == 0:
+        return r.float().reshape(scores.shape)
+    if group_ids is None:  # (P, K): one group per row, reductions along the rows
+        rows, keep = r.view(-1, scores.shape[-1]), valid.view(-1, scores.shape[-1])
+        n = keep.sum(dim=1, keepdim=True).double()
+        mean = rows.sum(dim=1, keepdim=True) / n.clamp(min=1)
+        dev = torch.where(keep, rows - mean, 0.0)
+        std = ((dev * dev).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        hi = torch.where(keep, rows, float("-inf")).amax(dim=1, keepdim=True)
+        lo = torch.where(keep, rows, float("inf")).amin(dim=1, keepdim=True)
+        flat = lambda x: x.expand_as(rows).reshape(-1)
+        n, std, constant, dev = flat(n), flat(std), flat((n < 2) | (hi == lo)), dev.reshape(-1)
+    else:  # flat answers: segment sums over the groups, numbered 0 .. G-1 in order of their ids
+        _, index = torch.unique(group_ids.reshape(-1), return_inverse=True)
+        groups = int(index.max()) + 1
+        zeros = lambda: r.new_zeros(groups)
+        n = zeros().index_add_(0, index, valid.double())
+        mean = zeros().index_add_(0, index, r) / n.clamp(min=1)
+        dev = torch.where(valid, r - mean[index], 0.0)
+        std = (zeros().index_add_(0, index, dev * dev) / (n - 1).clamp(min=1)).sqrt()
+        hi = zeros().fill_(float("-inf")).scatter_reduce_(0, index, torch.where(valid, r, float("-inf")), "amax")
+        lo = zeros().fill_(float("inf")).scatter_reduce_(0, index, torch.where(valid, r, float("inf")), "amin")
+        n, std, constant = n[index], std[index], ((n < 2) | (hi == lo))[index]
+
+    if mode == "reinforce_pp":
+        c = r
+    elif mode == "rloo":
+        c = dev * n / (n - 1).clamp(min=1)
+    else:
+        c = dev
+    if mode != "reinforce_pp":
+        c = torch.where(constant, 0.0, c)
+    c = torch.where(valid, c, 0.0)
+    # a zero divisor (eps = 0) only meets zero numerators (constant groups / batches): 0, never 0 / 0
+    safe = lambda d: torch.where(d > 0, d, torch.ones_like(d))
+    if scale == "group":
+        c = c / safe(std + eps)
+    elif scale == "batch" and mode == "grpo":
+        _, std_b, _ = _batch_stats(r, valid)
+        c = c / safe(std_b + eps)
+    elif scale == "batch":
+        mean_b, std_b, constant_b = _batch_stats(c, valid)
+        c = torch.where(constant_b, 0.0, (c - mean_b) / safe(std_b + eps))
+    c = torch.where(valid, c, 0.0)
+    return c.float().reshape(scores.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# dpo_loss: the DPO family of pairwise losses on sequence log-probs (TRL's DPOTrainer formulas)
+# ---------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+
+
+def dpo_logits_ref(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                   ref_rejected_logps: Tensor, *, loss_type: str = "sigmoid", chosen_lengths: Tensor | None = None,
+                   rejected_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(delta (P,), chosen log-ratio (P,), rejected log-ratio (P,)) in fp32: log-ratios ``pi - ref``; for
+    "ipo" and "sigmoid_norm" with lengths, each log-ratio is divided by its length (clamped to >= 1) before
+    the difference. Gradients flow to the policy log-probs only."""
+    lc = policy_chosen_logps.float() - ref_chosen_logps.detach().float()
+    lr = policy_rejected_logps.float() - ref_rejected_logps.detach().float()
+    sc, sr = lc, lr
+    if loss_type in ("ipo", "sigmoid_norm") and chosen_lengths is not None:
+        sc = lc / chosen_lengths.float().clamp(min=1.0)
+        sr = lr / rejected_lengths.float().clamp(min=1.0)
+    return sc - sr, lc, lr
+
+
+def dpo_loss_ref(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                 ref_rejected_logps: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, chosen_lengths: Tensor | None = None,
+                 rejected_lengths: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO-family loss over P preference pairs, fp32, differentiable w.r.t. the policy log-probs.
+
+    With ``d`` the delta of :func:`dpo_logits_ref` and ``ls`` the label smoothing::
+
+        sigmoid       -(1 - ls) log sigmoid(beta d) - ls log sigmoid(-beta d)          (cDPO when ls > 0)
+        robust        (-(1 - ls) log sigmoid(beta d) + ls log sigmoid(-beta d)) / (1 - 2 ls)
+        hinge         relu(1 - beta d)
+        ipo           (d - 1 / (2 beta))^2                       (d per token with lengths)
+        sigmoid_norm  -log sigmoid(beta d)                       (d per token: lengths required)
+
+    loss = mean over pairs (0 for P = 0). Stats (no gradient): chosen/rejected rewards ``beta * log-ratio``
+    (P,), reward accuracy ``mean(chosen > rejected)`` and reward margin ``mean(chosen - rejected)``.
+    """
+    import torch.nn.functional as F
+
+    d, lc, lr = dpo_logits_ref(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                               loss_type=loss_type, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    ls = label_smoothing
+    if loss_type == "sigmoid":
+        per_pair = -(1 - ls) * F.logsigmoid(beta * d) - ls * F.logsigmoid(-beta * d)
+    elif loss_type == "robust":
+        per_pair = (-(1 - ls) * F.logsigmoid(beta * d) + ls * F.logsigmoid(-beta * d)) / (1 - 2 * ls)
+    elif loss_type == "hinge":
+        per_pair = torch.relu(1 - beta * d)
+    elif loss_type == "ipo":
+        per_pair = (d - 1 / (2 * beta)) ** 2
+    elif loss_type == "sigmoid_norm":
+        per_pair = -F.logsigmoid(beta * d)
+    else:
+        raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    loss = per_pair.sum() / max(per_pair.numel(), 1)
+    with torch.no_grad():
+        chosen, rejected = beta * lc.detach(), beta * lr.detach()
+        p = max(chosen.numel(), 1)
+        stats = dict(chosen_rewards=chosen, rejected_rewards=rejected,
+                     reward_accuracy=(chosen > rejected).float().sum() / p,
+                     reward_margin=(chosen - rejected).sum() / p)
+    return loss, stats
+
+
+def dpo_loss_dlogits_ref(delta: Tensor, *, beta: float, loss_type: str, label_smoothing: float = 0.0) -> Tensor:
+    """d(per-pair loss)/d(delta) of dpo_loss_ref, fp32 (hinge: 0 where 1 - beta d <= 0, as torch.relu)."""
+    ls = label_smoothing
+    x = beta * delta.float()
+    if loss_type == "sigmoid":
+        return beta * (-(1 - ls) * torch.sigmoid(-x) + ls * torch.sigmoid(x))
+    if loss_type == "robust":
+        return beta * (-(1 - ls) * torch.sigmoid(-x) - ls * torch.sigmoid(x)) / (1 - 2 * ls)
+    if loss_type == "hinge":
+        return torch.where(1 - x > 0, torch.full_like(x, -beta), torch.zeros_like(x))
+    if loss_type == "ipo":
+        return 2 * (delta.float() - 1 / (2 * beta))
+    if loss_type == "sigmoid_norm":
+        return -beta * torch.sigmoid(-x)
+    raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {loss_type!r}")

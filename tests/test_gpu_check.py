@@ -1,6 +1,6 @@
 """The GPU check's rehearsal (`make gpu-check DRY_RUN=1`), fast core: its parsers and report on known
-input, and the sections whose commands are quick here (env, deps, install, build's setup.py run, the
-pipeline on a tiny model) must succeed and write the JSON and Markdown report."""
+input, and the sections whose commands are quick here (env, deps, install, build's setup.py run) must
+succeed and write the JSON and Markdown report."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_dry_run_core(tmp_path):
     check = gpu_check.Check(tmp_path, dry_run=True, total_budget=150)
     check.section("env", check.env_section, 60)
     for name, fn in (("deps", check.deps_section), ("install", check.install_section),
-                     ("build", check.build_section), ("pipeline", check.pipeline_section)):
+                     ("build", check.build_section)):
         check.section(name, fn, 90)
     bad = {s.name: s.reason for s in check.sections if s.status not in ("ok", "skipped")}
     assert not bad, bad

@@ -748,7 +748,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="gpu-check-out", help="folder for gpu_check.json/.md, logs and bench rows")
     ap.add_argument("--dry-run", action="store_true", help="rehearse every section on CPU with tiny sizes")
     ap.add_argument("--total-budget", type=float, default=None,
-                    help="seconds for the whole check (default 470 on a GPU, 170 in a dry run)")
+                    help="seconds for the whole check (default 470 on a GPU, 260 in a dry run)")
     ap.add_argument("--pipeline-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pipeline-step", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -764,7 +764,7 @@ def main(argv=None) -> int:
     if args.pipeline_step:
         return pipeline_step(args)
     out = Path(args.out).resolve()
-    budget = args.total_budget or (170.0 if args.dry_run else 470.0)
+    budget = args.total_budget or (260.0 if args.dry_run else 470.0)
     return Check(out, args.dry_run, budget).main()
 
 

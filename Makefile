@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 4
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -46,6 +46,14 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 # every suite, every mode, with fresh-process peak memory; then the inspection and estimate tables
 bench: install $(VENV)/.bench-deps
 	$(PY) bench/run.py --update-readme --memory
+
+# One unattended check on a GPU machine from a fresh copy (system python and its torch, no network, no venv):
+# build for this GPU, the GPU tests, every benchmark, pipeline step times -> $(GPU_OUT)/gpu_check.{json,md}.
+# DRY_RUN=1 rehearses every section on a CPU machine (this checkout's .venv when there is one).
+GPU_OUT ?= $(or $(OUT),gpu-check-out)
+GPU_CHECK_PYTHON ?= $(if $(filter 1,$(DRY_RUN)),$(if $(wildcard $(PY)),$(PY),$(PYTHON)),$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out "$(GPU_OUT)" $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 lint: install
 	$(PY) -m ruff check rlhf_fast kernels tests bench setup.py

@@ -2,6 +2,7 @@
 #   make demo    install, then compare gather_logprobs with PyTorch on this machine
 #   make test    install, then run the whole test suite (what CI runs)
 #   make bench   install, then run the benchmarks and rewrite the README's performance tables
+#   make wheel-check  build the wheel, install it into a fresh venv outside the checkout, run every command
 #
 # torch: an installed torch (visible through --system-site-packages) is used as it is; otherwise
 # $(TORCH_SPEC) is installed (pip's configured index/find-links decide the build, e.g. a CPU wheel).
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 4
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench wheel-check lint clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -43,7 +44,12 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 
 # every suite, every mode, with fresh-process peak memory; then the inspection and estimate tables
 bench: install $(VENV)/.bench-deps
-	$(PY) bench/run.py --update-readme --memory
+	$(PY) -m rlhf_fast.bench.run --update-readme --memory
+
+# what `make test` cannot see through its editable install: the wheel holds every module and every
+# command works from it (.ci/wheel_smoke.sh; CI runs it before make test)
+wheel-check: $(VENV)/.deps
+	PY=$(PY) PYTHON=$(PYTHON) .ci/wheel_smoke.sh
 
 lint: install
 	$(PY) -m ruff check rlhf_fast kernels tests bench setup.py

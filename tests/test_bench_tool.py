@@ -14,19 +14,13 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from rlhf_fast.kernels import _aot
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from rlhf_fast.kernels import _aot  # noqa: E402
-
-from bench import run  # noqa: E402
-from bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved  # noqa: E402
+from rlhf_fast.bench import run
+from rlhf_fast.bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved
 
 ENV_FIELDS = ("device", "device_type", "torch", "triton", "rlhf_fast", "cpu_capability", "commit", "timestamp")
 ROW_FIELDS = ("op", "case", "mode", "provider", "backend", "median_ms", "q1_ms", "q3_ms", "status")
@@ -122,8 +116,8 @@ def test_cpu_timing_interleaves_the_providers():
 
 
 def test_fallback_is_reported_as_the_backend_that_ran(monkeypatch):
-    from bench import bench_gather_logprobs as B
     from rlhf_fast import _native
+    from rlhf_fast.bench import bench_gather_logprobs as B
 
     case = B.Case(8, 16, torch.float32)
     monkeypatch.setattr(_native, "has_native", lambda: False)  # as if rlhf_fast._C had not been built
@@ -135,7 +129,7 @@ def test_fallback_is_reported_as_the_backend_that_ran(monkeypatch):
 
 @pytest.mark.skipif(not __import__("rlhf_fast").has_native(), reason="native extension not built")
 def test_automatic_choice_is_labelled_once_by_its_backend():
-    from bench import bench_gather_logprobs as B
+    from rlhf_fast.bench import bench_gather_logprobs as B
 
     w = B.workload("rlhf_fast", B.Case(8, 16, torch.float32), "cpu")
     assert (w.backend, w.label) == ("cpu", "rlhf_fast[cpu]")
@@ -255,7 +249,7 @@ def test_readme_blocks_replace_and_insert(tmp_path):
 
 def test_plots_one_line_per_provider(tmp_path):
     pytest.importorskip("matplotlib")
-    from bench.common import Row
+    from rlhf_fast.bench.common import Row
 
     rows = [Row("op", f"V={v}", "nograd", p, p, ms * v, ms * v, ms * v, extra={"sweep:vocab": v, "series:vocab": "N=8"})
             for v in (8, 16, 32) for p, ms in (("rlhf_fast[cpu]", 1.0), ("eager", 3.0))]

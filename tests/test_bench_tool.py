@@ -255,3 +255,41 @@ def test_plots_one_line_per_provider(tmp_path):
             for v in (8, 16, 32) for p, ms in (("rlhf_fast[cpu]", 1.0), ("eager", 3.0))]
     (path,) = run.plot(rows, tmp_path, "cpu")
     assert path.suffix == ".png" and path.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner ships inside the package: no checkout, no import circle
+# ---------------------------------------------------------------------------------------------
+
+def test_memory_probe_imports_the_suites_not_the_runner():
+    code = ("import sys, rlhf_fast.bench.memory, rlhf_fast.bench.suites; "
+            "assert 'rlhf_fast.bench.run' not in sys.modules, sorted(m for m in sys.modules if 'bench' in m)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_memory_probe_runs_in_a_fresh_process_from_any_directory(tmp_path, monkeypatch):
+    from rlhf_fast.bench import memory
+
+    monkeypatch.chdir(tmp_path)
+    got = memory.measure("ranking_loss", "eager", 2, "nograd", "cpu", quick=True, timeout=300)
+    assert "peak_bytes" in got and got["peak_bytes"] >= 0 and got["backend"], got
+
+
+def test_cli_bench_runs_outside_the_checkout(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "bench", "--ops", "ranking_loss", "--quick",
+                           "--cases", "K=4", "--providers", "eager", "--modes", "nograd", "--reps", "1", "--no-plots",
+                           "--out", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "out" / "ranking_loss-cpu.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["provider"], row["mode"], row["status"]) == ("eager", "nograd", "ok")
+
+
+def test_update_readme_asks_for_an_existing_readme(tmp_path, capsys):
+    missing = tmp_path / "README.md"
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--ops", "--update-readme", "--readme", str(missing)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--readme" in err and str(missing) in err, err

@@ -106,7 +106,8 @@ rlhf-fast pipeline --preset tiny --output_dir "$TMP/run" --quiet \
 ls "$TMP/run"
 
 step "rlhf-fast bench (one op, its smallest case)"
-rlhf-fast bench --ops ranking_loss --quick --cases K=4 --modes nograd fwd+bwd --reps 2 --no-plots --out "$TMP/bench"
+rlhf-fast bench --ops ranking_loss --quick --cases K=4 --providers rlhf_fast eager --modes nograd fwd+bwd \
+  --reps 2 --no-plots --out "$TMP/bench"
 test -s "$TMP/bench/ranking_loss-cpu.csv"
 
 step "rlhf-fast inspect (one kernel)"

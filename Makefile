@@ -3,6 +3,7 @@
 #                embedded constraints task (fetches the model on first use; ~15 min on 2 CPU cores)
 #   make test    install, then run the whole test suite (what CI runs)
 #   make bench   install, then run the benchmarks and rewrite the README's performance tables
+#   make wheel-check  build the wheel, install it into a fresh venv outside the checkout, run every command
 #
 # torch: an installed torch (visible through --system-site-packages) is used as it is; otherwise
 # $(TORCH_SPEC) is installed (pip's configured index/find-links decide the build, e.g. a CPU wheel).
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 4
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install demo test bench lint clean gpu-check
+.PHONY: install demo test bench wheel-check lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -45,7 +46,12 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 
 # every suite, every mode, with fresh-process peak memory; then the inspection and estimate tables
 bench: install $(VENV)/.bench-deps
-	$(PY) bench/run.py --update-readme --memory
+	$(PY) -m rlhf_fast.bench.run --update-readme --memory
+
+# what `make test` cannot see through its editable install: the wheel holds every module and every
+# command works from it (.ci/wheel_smoke.sh; CI runs it before make test)
+wheel-check: $(VENV)/.deps
+	PY=$(PY) PYTHON=$(PYTHON) .ci/wheel_smoke.sh
 
 # One unattended check on a GPU machine from a fresh copy (system python and its torch, no network, no venv):
 # build for this GPU, the GPU tests, every benchmark, pipeline step times -> $(GPU_OUT)/gpu_check.{json,md}.

@@ -17,11 +17,14 @@ import os
 import platform
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["rlhf_fast", "rlhf_fast.ops", "rlhf_fast.kernels"]
-# kernels/ holds the Triton kernels; installed as rlhf_fast.kernels, never as a top-level `kernels`
-# (that name is taken on the package index).
+# Every package under rlhf_fast/ (ops, pipeline, integrations, bench, ...) is found, not listed, so a new
+# subpackage cannot be left out of the wheel. kernels/ holds the Triton kernels; it is installed as
+# rlhf_fast.kernels (with any subpackage of its own), never as a top-level `kernels` (that name is taken on
+# the package index). bench/ (pytest-benchmark suites) and tests/ stay in the source checkout.
+PACKAGES = (find_packages(include=["rlhf_fast", "rlhf_fast.*"])
+            + ["rlhf_fast.kernels"] + [f"rlhf_fast.kernels.{p}" for p in find_packages("kernels")])
 PACKAGE_DIR = {"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"}
 
 # Per-capability compiler flags, matching the ones ATen uses for its own kernels. A source named

@@ -1,3 +1,4 @@
-"""rlhf_fast benchmarks: one module per op (`setup_<op>(provider, case) -> (fn, check)` and its
-case list), shared timing in bench.common, the runner in bench/run.py, pytest-benchmark suites in
-bench/test_bench_*.py (run with `pytest bench/`, not part of CI)."""
+"""The benchmarks that need a source checkout: pytest-benchmark suites over the op suites of
+rlhf_fast.bench (bench/test_bench.py, `pytest bench/`, not part of CI) and the pipeline-level comparisons
+(bench/bench_pipeline.py, bench/bench_trl.py). The runner behind `rlhf-fast bench` and its op suites ship
+inside the package as rlhf_fast.bench."""

@@ -1,6 +1,6 @@
-"""pytest-benchmark suites: the cases of every op suite of bench/run.py, every mode and provider, each
-checked against the reference before pytest-benchmark times it (`pytest bench/`; not part of CI, whose
-testpaths are tests/).
+"""pytest-benchmark suites: the cases of every op suite of `rlhf-fast bench` (rlhf_fast.bench.suites), every
+mode and provider, each checked against the reference before pytest-benchmark times it (`pytest bench/`; not
+part of CI, whose testpaths are tests/).
 
     pytest bench/ --benchmark-columns=median,iqr,rounds      # QUICK_CASES of every suite
     RLHF_FAST_BENCH_FULL=1 pytest bench/ -k gather_logprobs  # the full case lists
@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from bench.common import Skip, compare, mode_fn, results
-from bench.run import SUITES, cases, providers
+from rlhf_fast.bench.common import Skip, compare, mode_fn, results
+from rlhf_fast.bench.suites import SUITES, cases, providers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("RLHF_FAST_BENCH_FULL") == "1"

@@ -27,23 +27,9 @@ def _demo(args) -> int:
     return 0
 
 
-def _source_root():
-    """The source checkout holding bench/ (an editable install); None for an installed wheel."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "bench" / "run.py").is_file() else None
-
-
 def _bench(args) -> int:
-    """bench/run.py of the source checkout: suites, modes, providers, CSV/JSON rows, plots, README tables."""
-    root = _source_root()
-    if root is None:
-        print("rlhf-fast bench runs the suites in bench/ of a source checkout (pip install -e .)", file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench import run
+    """rlhf_fast.bench.run: suites, modes, providers, CSV/JSON rows, plots, README tables."""
+    from rlhf_fast.bench import run
 
     return run.main(args.rest)
 

@@ -14,19 +14,13 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from rlhf_fast.kernels import _aot
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from rlhf_fast.kernels import _aot  # noqa: E402
-
-from bench import run  # noqa: E402
-from bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved  # noqa: E402
+from rlhf_fast.bench import run
+from rlhf_fast.bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved
 
 ENV_FIELDS = ("device", "device_type", "torch", "triton", "rlhf_fast", "cpu_capability", "commit", "timestamp")
 ROW_FIELDS = ("op", "case", "mode", "provider", "backend", "median_ms", "q1_ms", "q3_ms", "status")
@@ -122,8 +116,8 @@ def test_cpu_timing_interleaves_the_providers():
 
 
 def test_fallback_is_reported_as_the_backend_that_ran(monkeypatch):
-    from bench import bench_gather_logprobs as B
     from rlhf_fast import _native
+    from rlhf_fast.bench import bench_gather_logprobs as B
 
     case = B.Case(8, 16, torch.float32)
     monkeypatch.setattr(_native, "has_native", lambda: False)  # as if rlhf_fast._C had not been built
@@ -135,7 +129,7 @@ def test_fallback_is_reported_as_the_backend_that_ran(monkeypatch):
 
 @pytest.mark.skipif(not __import__("rlhf_fast").has_native(), reason="native extension not built")
 def test_automatic_choice_is_labelled_once_by_its_backend():
-    from bench import bench_gather_logprobs as B
+    from rlhf_fast.bench import bench_gather_logprobs as B
 
     w = B.workload("rlhf_fast", B.Case(8, 16, torch.float32), "cpu")
     assert (w.backend, w.label) == ("cpu", "rlhf_fast[cpu]")
@@ -255,9 +249,47 @@ def test_readme_blocks_replace_and_insert(tmp_path):
 
 def test_plots_one_line_per_provider(tmp_path):
     pytest.importorskip("matplotlib")
-    from bench.common import Row
+    from rlhf_fast.bench.common import Row
 
     rows = [Row("op", f"V={v}", "nograd", p, p, ms * v, ms * v, ms * v, extra={"sweep:vocab": v, "series:vocab": "N=8"})
             for v in (8, 16, 32) for p, ms in (("rlhf_fast[cpu]", 1.0), ("eager", 3.0))]
     (path,) = run.plot(rows, tmp_path, "cpu")
     assert path.suffix == ".png" and path.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner ships inside the package: no checkout, no import circle
+# ---------------------------------------------------------------------------------------------
+
+def test_memory_probe_imports_the_suites_not_the_runner():
+    code = ("import sys, rlhf_fast.bench.memory, rlhf_fast.bench.suites; "
+            "assert 'rlhf_fast.bench.run' not in sys.modules, sorted(m for m in sys.modules if 'bench' in m)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_memory_probe_runs_in_a_fresh_process_from_any_directory(tmp_path, monkeypatch):
+    from rlhf_fast.bench import memory
+
+    monkeypatch.chdir(tmp_path)
+    got = memory.measure("ranking_loss", "eager", 2, "nograd", "cpu", quick=True, timeout=300)
+    assert "peak_bytes" in got and got["peak_bytes"] >= 0 and got["backend"], got
+
+
+def test_cli_bench_runs_outside_the_checkout(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "bench", "--ops", "ranking_loss", "--quick",
+                           "--cases", "K=4", "--providers", "eager", "--modes", "nograd", "--reps", "1", "--no-plots",
+                           "--out", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "out" / "ranking_loss-cpu.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["provider"], row["mode"], row["status"]) == ("eager", "nograd", "ok")
+
+
+def test_update_readme_asks_for_an_existing_readme(tmp_path, capsys):
+    missing = tmp_path / "README.md"
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--ops", "--update-readme", "--readme", str(missing)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--readme" in err and str(missing) in err, err

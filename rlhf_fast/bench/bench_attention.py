@@ -15,7 +15,7 @@ The reference (correctness check before timing) is the separate path with "eager
 Sweep: prompts per batch.
 
 The attention kernels alone are benchmarked in bench_attention_op.py; their GPU shapes' FLOPs, bytes and
-time at H100 peak come from rlhf_fast.kernels._aot (python bench/bench_attention.py --yardstick).
+time at H100 peak come from rlhf_fast.kernels._aot (python -m rlhf_fast.bench.bench_attention --yardstick).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import Workload
+from rlhf_fast.bench.common import Workload
 
 OP = "shared_prefix_attention"
 VOCAB = 8192

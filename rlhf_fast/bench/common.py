@@ -1,7 +1,7 @@
 """What every benchmark shares: the workload a suite hands the runner, the four modes built from it,
 the equality check against the reference, timing, the environment stamped on every row.
 
-A suite (bench/bench_<name>.py) describes each (provider, case) as a `Workload`: a forward function of
+A suite (rlhf_fast/bench/bench_<name>.py) describes each (provider, case) as a `Workload`: a forward function of
 the differentiable inputs, the tensors to call it with, and how its outputs become the scalar whose
 gradient the op's users take. From one workload the runner builds every mode:
 
@@ -400,12 +400,17 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit of the source checkout rlhf_fast runs from (an editable install); "unknown" for an installed
+    wheel, even one installed into a virtualenv that lies inside some git repository."""
+    import rlhf_fast
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_fast.__file__)))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=root).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], capture_output=True,
+                                     text=True, check=True, cwd=package_root).stdout.split()
+    except (OSError, ValueError, subprocess.CalledProcessError):
         return "unknown"
+    return commit if os.path.realpath(top) == os.path.realpath(package_root) else "unknown"
 
 
 PEERS = ("triton", "trl", "transformers", "liger_kernel", "flash_attn")

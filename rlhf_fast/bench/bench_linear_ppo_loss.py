@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
-from bench.common import Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.ops._aggregation import aggregate
 from rlhf_fast.reference import kl_penalty_ref, ppo_policy_loss_terms_ref
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from bench.common import Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import attention_ref
 
 OP = "attention"

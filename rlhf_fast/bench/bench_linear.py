@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
-from bench.common import Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Workload, dtype_name, fused_backend, is_fused
 
 OP = "linear"
 

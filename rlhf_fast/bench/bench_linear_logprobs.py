@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
-from bench.common import Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import linear_logprobs_ref
 
 OP = "linear_logprobs"

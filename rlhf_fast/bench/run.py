@@ -7,7 +7,7 @@ is not installed or needs a GPU) is reported with the reason. rlhf_fast provider
 backend the registry actually selected: the automatic choice is `rlhf_fast[<what ran>]` (e.g.
 `rlhf_fast[torch]` when the native extension is missing), never the fused kernel it hoped for.
 
-Modes (bench/common.py): nograd, fwd, bwd, fwd+bwd. Timing: CPU wall time, warm-up then repeated runs
+Modes (rlhf_fast/bench/common.py): nograd, fwd, bwd, fwd+bwd. Timing: CPU wall time, warm-up then repeated runs
 with the providers of a case interleaved round-robin (a slow spell of the machine hits all of them),
 median and quartiles; GPU: triton.testing.do_bench (CUDA events, L2 flushed before every run).
 Memory: GPU peak allocated (every row); CPU peak RSS of a fresh process above its inputs (--memory).
@@ -18,10 +18,12 @@ Output: a table per suite on the terminal, rows (with device, versions, commit, 
 <out>/<suite>-<device>.csv and .json, PNG plots of time and memory against each swept size in
 <out>/plots/ (matplotlib), and with --update-readme the README's Performance tables.
 
-    python bench/run.py --quick                       # small cases, about a minute
-    python bench/run.py --ops gather_logprobs --memory
-    python bench/run.py --update-readme --memory      # full run; rewrites the README tables (make bench)
-    python bench/run.py --ops --update-readme         # no timing: only the inspection and estimate tables
+    rlhf-fast bench --quick                       # small cases, about a minute
+    rlhf-fast bench --ops gather_logprobs --memory
+    rlhf-fast bench --update-readme --memory      # full run; rewrites ./README.md's tables (make bench)
+    rlhf-fast bench --ops --update-readme         # no timing: only the inspection and estimate tables
+
+(`python -m rlhf_fast.bench.run` is the same command.)
 """
 
 from __future__ import annotations
@@ -38,29 +40,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import (  # noqa: E402
-    bench_attention,
-    bench_attention_op,
-    bench_gae,
-    bench_gather_logprobs,
-    bench_linear,
-    bench_linear_logprobs,
-    bench_linear_ppo_loss,
-    bench_ppo_losses,
-    bench_ranking_loss,
-)
-from bench.common import (  # noqa: E402
+from rlhf_fast.bench.common import (
     MODES,
     Row,
     Skip,
     compare,
     cuda_peak_bytes,
     environment,
-    fused_providers,
     is_fused,
     memory_floor,
     mode_fn,
@@ -68,18 +54,8 @@ from bench.common import (  # noqa: E402
     time_cpu_interleaved,
     time_fn,
 )
+from rlhf_fast.bench.suites import SUITES, cases, providers
 
-SUITES = {
-    "gather_logprobs": bench_gather_logprobs,
-    "linear_logprobs": bench_linear_logprobs,
-    "linear_ppo_loss": bench_linear_ppo_loss,
-    "ppo_losses": bench_ppo_losses,
-    "gae": bench_gae,
-    "ranking_loss": bench_ranking_loss,
-    "attention_op": bench_attention_op,
-    "attention": bench_attention,
-    "linear": bench_linear,
-}
 QUICK_REPS = 5
 README_MODES = ("nograd", "fwd+bwd")  # the README tables; every mode is in the CSV/JSON rows and plots
 
@@ -87,20 +63,6 @@ README_MODES = ("nograd", "fwd+bwd")  # the README tables; every mode is in the 
 # ---------------------------------------------------------------------------------------------
 # What to run
 # ---------------------------------------------------------------------------------------------
-
-def cases(module, device: str, quick: bool, sweep: bool = True) -> list:
-    """The cases of a suite: QUICK_CASES with --quick, GPU_CASES on a GPU, else CASES then SWEEP."""
-    if quick:
-        return list(module.QUICK_CASES)
-    if device == "cuda" and hasattr(module, "GPU_CASES"):
-        return list(module.GPU_CASES)
-    return list(module.CASES) + (list(getattr(module, "SWEEP", [])) if sweep else [])
-
-
-def providers(module, device: str) -> list[str]:
-    fused = getattr(module, "FUSED_PROVIDERS", None) or fused_providers(module.OP, device)
-    return list(fused) + list(module.providers(device))
-
 
 def cost_of(module, case, mode: str):
     """The analytic cost of one call (rlhf_fast.kernels._aot.op_cost), or None for a suite without one."""
@@ -239,7 +201,7 @@ def run_suite(name: str, module, device: str, quick: bool = False, memory: bool 
                 if device == "cuda":
                     row.peak_MB = round(cuda_peak_bytes(timed) / 2**20, 1)
                 elif memory and not quick:
-                    from bench.memory import measure
+                    from rlhf_fast.bench.memory import measure
 
                     got = measure(name, provider, index, mode, device, quick)
                     if "peak_bytes" in got:
@@ -399,7 +361,7 @@ def plot(rows: list[Row], out_dir: Path, device: str) -> list[Path]:
 # README
 # ---------------------------------------------------------------------------------------------
 
-README = ROOT / "README.md"
+README = Path("README.md")  # the checkout's README when run from its root, as `make bench` does
 
 
 def replace_block(text: str, key: str, body: str, anchor: str | None = None, title: str | None = None) -> str:
@@ -483,13 +445,21 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", help="only the cases whose name matches this regular expression")
     ap.add_argument("--reps", type=int, help="timed runs per measurement (CPU)")
     ap.add_argument("--memory", action="store_true", help="CPU: peak RSS in a fresh process per case (slow)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for CSV/JSON rows and plots")
+    ap.add_argument("--out", default=str(Path("bench") / "results"),
+                    help="folder for CSV/JSON rows and plots (default: bench/results under the current directory)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--update-readme", action="store_true",
                     help="rewrite the README's Performance tables (full runs only; --modes may leave out modes the "
                          "README does not show) and its inspection/estimate tables")
+    ap.add_argument("--readme", default=str(README),
+                    help="with --update-readme: the README to rewrite (default: README.md in the current directory, "
+                         "the checkout's root for `make bench`)")
     ap.add_argument("--no-inspect", action="store_true", help="with --update-readme: leave the inspection table")
     args = ap.parse_args(argv)
+    readme = Path(args.readme)
+    if args.update_readme and not readme.is_file():
+        ap.error(f"--update-readme: expected the README of a source checkout at --readme, got {str(readme)!r}, "
+                 "which is not a file")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False")
     env = environment(args.device)
@@ -520,9 +490,9 @@ def main(argv=None) -> int:
         if args.quick or args.cases or args.providers or partial_modes or args.reps:
             print("--update-readme: the README gets full runs only; its timing tables were left as they are")
         else:
-            update_readme_tables(tables, args.device)
-        update_readme_static(inspect=not args.no_inspect)
-        print(f"README.md Performance section updated ({', '.join(tables) or 'no timing tables'})")
+            update_readme_tables(tables, args.device, readme)
+        update_readme_static(inspect=not args.no_inspect, path=readme)
+        print(f"{readme} Performance section updated ({', '.join(tables) or 'no timing tables'})")
     return 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
-from bench.common import Skip, Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Skip, Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import gather_logprobs_ref
 
 OP = "gather_logprobs"

@@ -6,7 +6,7 @@ what it can (gc, rlhf_fast.release_cpu_buffers, malloc_trim), resets the kernel'
 of the gradients the case must return (every method fills the same gradient buffers). GPU:
 torch.cuda peak allocated, same rule.
 
-    python -m bench.memory <suite> <provider> <case index> <mode> [device] [quick]   # prints one JSON line
+    python -m rlhf_fast.bench.memory <suite> <provider> <case index> <mode> [device] [quick]   # prints one JSON line
 """
 
 from __future__ import annotations
@@ -14,12 +14,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _status_kb(field: str) -> int:
@@ -45,8 +41,8 @@ def _trim():
 
 
 def probe(suite: str, provider: str, case_index: int, mode: str, device: str, quick: bool = False) -> dict:
-    from bench.common import Skip, cuda_peak_above, mode_fn
-    from bench.run import SUITES, cases
+    from rlhf_fast.bench.common import Skip, cuda_peak_above, mode_fn
+    from rlhf_fast.bench.suites import SUITES, cases
 
     module = SUITES[suite]
     case = cases(module, device, quick)[case_index]
@@ -75,11 +71,10 @@ def probe(suite: str, provider: str, case_index: int, mode: str, device: str, qu
 
 def measure(suite: str, provider: str, case_index: int, mode: str, device: str, quick: bool = False,
             timeout: int = 900) -> dict:
-    """Runs probe() in a fresh interpreter and returns its result."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench.memory", suite, provider, str(case_index), mode, device,
-                           "quick" if quick else "full"], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=timeout)
+    """Runs probe() in a fresh interpreter (this one's executable, environment and directory, so it imports
+    the same rlhf_fast) and returns its result."""
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.bench.memory", suite, provider, str(case_index), mode,
+                           device, "quick" if quick else "full"], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -89,5 +84,4 @@ if __name__ == "__main__":
     suite, provider, index, mode = sys.argv[1:5]
     device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
     quick = len(sys.argv) > 6 and sys.argv[6] == "quick"
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(probe(suite, provider, int(index), mode, device, quick)))

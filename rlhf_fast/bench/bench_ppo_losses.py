@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
-from bench.common import Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import (
     PPO_POLICY_STATS,
     VALUE_STATS,
@@ -165,7 +165,7 @@ def reference(case: Case, device: str) -> Workload:
 
 
 def grad_bytes(case: Case, mode: str) -> int:
-    """Bytes of the gradients every provider returns (bench/memory.py subtracts them)."""
+    """Bytes of the gradients every provider returns (rlhf_fast/bench/memory.py subtracts them)."""
     if mode in ("nograd", "fwd"):
         return 0
     n_grads = 2 if case.op == "all" else 1

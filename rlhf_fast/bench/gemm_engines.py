@@ -2,7 +2,7 @@
 
 The engine is fixed per process (RLHF_FAST_CPU_GEMM), so each runs in its own process:
 
-    python bench/gemm_engines.py            # N=2048 H=512 V=32768 fp32, medians of 7
+    python -m rlhf_fast.bench.gemm_engines   # N=2048 H=512 V=32768 fp32, medians of 7
 
 It separates what the fused fold gains from what oneDNN's GEMM gains over ATen's BLAS.
 """
@@ -61,7 +61,7 @@ def main() -> None:
     print("engine  | fwd ours | fwd eager | ratio | fwd+bwd ours | fwd+bwd eager | ratio")
     for engine in ("blas", "onednn"):
         env = {**os.environ, "RLHF_FAST_CPU_GEMM": engine, "_RLHF_FAST_ENGINE_CHILD": "1"}
-        subprocess.run([sys.executable, __file__], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "rlhf_fast.bench.gemm_engines"], env=env, check=True)
 
 
 if __name__ == "__main__":

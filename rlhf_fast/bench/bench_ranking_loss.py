@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_fast
-from bench.common import Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import ranking_loss_loop_ref, ranking_loss_ref
 
 OP = "ranking_loss"

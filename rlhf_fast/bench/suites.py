@@ -9,8 +9,10 @@ from __future__ import annotations
 from rlhf_fast.bench import (
     bench_attention,
     bench_attention_op,
+    bench_dpo_loss,
     bench_gae,
     bench_gather_logprobs,
+    bench_group_advantages,
     bench_linear,
     bench_linear_logprobs,
     bench_linear_ppo_loss,
@@ -29,6 +31,8 @@ SUITES = {
     "attention_op": bench_attention_op,
     "attention": bench_attention,
     "linear": bench_linear,
+    "group_advantages": bench_group_advantages,
+    "dpo_loss": bench_dpo_loss,
 }
 
 

@@ -20,19 +20,11 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-if __name__ == "__main__":  # run alone: the repository root on the path, as bench/run.py does
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import rlhf_fast  # noqa: E402
-
-try:  # bench/ is moving into the package (rlhf_fast/bench/): either home works
-    from bench.common import Skip, Workload, dtype_name, fused_backend, is_fused
-except ImportError:  # pragma: no cover
-    from rlhf_fast.bench.common import Skip, Workload, dtype_name, fused_backend, is_fused
+from rlhf_fast.bench.common import Skip, Workload, dtype_name, fused_backend, is_fused
 from rlhf_fast.reference import group_advantages_ref  # noqa: E402
 
 OP = "group_advantages"

@@ -45,26 +45,39 @@ def _exp_parts(y):
     return e, torch.where(small, y + series, e - 1.0), torch.where(small, series, (e - 1.0) - y)
 
 
-def _kl_token(x, estimator: int):
-    """(kl, d kl / d logprobs) at x = logprobs - ref_logprobs."""
+def _kl_token(x, estimator: int, cap: float):
+    """(kl, d kl / d logprobs) at x = logprobs - ref_logprobs; the value clamped to [-cap, cap] when
+    cap > 0, the derivative 0 where that is active."""
     if estimator == K1:
-        return x, torch.ones_like(x)
-    if estimator == ABS:
-        return x.abs(), torch.sign(x)
-    if estimator == K2:
-        return 0.5 * x * x, x
-    _, em1, q = _exp_parts(-x)  # k3 = e^-x - 1 + x, derivative 1 - e^-x
-    return q, -em1
+        kl, dkl = x, torch.ones_like(x)
+    elif estimator == ABS:
+        kl, dkl = x.abs(), torch.sign(x)
+    elif estimator == K2:
+        kl, dkl = 0.5 * x * x, x
+    else:
+        _, em1, q = _exp_parts(-x)  # k3 = e^-x - 1 + x, derivative 1 - e^-x
+        kl, dkl = q, -em1
+    if cap > 0:
+        over = kl.abs() > cap
+        kl = torch.where(kl > cap, cap, torch.where(kl < -cap, -cap, kl))
+        dkl = torch.where(over, 0.0, dkl)
+    return kl, dkl
 
 
-def _policy_token(lp, old, adv, lo: float, hi: float, dual_clip: float):
-    """(loss, grad, clipped, dual_clipped, k3, ratio) per token (ppo::policy_token)."""
-    r, _, k3 = _exp_parts(lp - old)
+def _policy_token(lp, old, adv, lo: float, hi: float, dual_clip: float, log_ratio_clamp: float):
+    """(loss, grad, clipped, dual_clipped, k3, ratio) per token (ppo::policy_token); the log-ratio
+    clamped to [-c, c] before exp when c = log_ratio_clamp > 0, the gradient 0 where that is active."""
+    d = lp - old
+    clamped = torch.zeros_like(d, dtype=torch.bool)
+    if log_ratio_clamp > 0:
+        clamped = d.abs() > log_ratio_clamp
+        d = d.clamp(-log_ratio_clamp, log_ratio_clamp)
+    r, _, k3 = _exp_parts(d)
     l1 = -adv * r
     l2 = -adv * r.clamp(lo, hi)
     clipped = l2 > l1
     loss = torch.maximum(l1, l2)
-    grad = torch.where(clipped, 0.0, l1)  # d(-A e^d)/dd = l1
+    grad = torch.where(clipped | clamped, 0.0, l1)  # d(-A e^d)/dd = l1
     dual = torch.zeros_like(clipped)
     if dual_clip > 0:
         l3 = -adv * dual_clip
@@ -78,9 +91,10 @@ def linear_ppo_loss_fwd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                         row_weight: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None,
                         n_policy: int, kl_coef: float, kl_estimator: int, entropy_coef: float, clip_low: float,
                         clip_high: float, dual_clip: float, temperature: float, ignore_index: int,
-                        compute_grad: bool):
+                        compute_grad: bool, log_ratio_clamp: float = 20.0, kl_cap: float = 0.0):
     """(loss () fp32, sums (13,) float64, grad_rows, grad_weight, grad_bias) as the op's other backends:
-    gradients in the inputs' dtypes, (0,) tensors without compute_grad (grad_bias also without a bias)."""
+    gradients in the inputs' dtypes, (0,) tensors without compute_grad (grad_bias also without a bias).
+    log_ratio_clamp, kl_cap: 0 for none (the caller resolves kl_cap's per-estimator default)."""
     n_rows = rows.shape[0]
     f32 = dict(dtype=torch.float32, device=rows.device)
     w = row_weight.float()
@@ -97,9 +111,10 @@ def linear_ppo_loss_fwd(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         lp_p = torch.where(pol, lp, zero)
         loss_p, grad_p, clipped, dual, k3, ratio = _policy_token(lp_p, torch.where(pol, old.float(), zero),
                                                                  torch.where(pol, adv.float(), zero),
-                                                                 1.0 - clip_low, 1.0 + clip_high, dual_clip)
+                                                                 1.0 - clip_low, 1.0 + clip_high, dual_clip,
+                                                                 log_ratio_clamp)
         if ref is not None:
-            kl, dkl = _kl_token(lp_p - torch.where(pol, ref.float(), zero), kl_estimator)
+            kl, dkl = _kl_token(lp_p - torch.where(pol, ref.float(), zero), kl_estimator, kl_cap)
         else:
             kl, dkl = torch.zeros_like(lp), torch.zeros_like(lp)
         g_lp = torch.where(pol, w * (grad_p + kl_coef * dkl), torch.where(ptx, -w, zero))

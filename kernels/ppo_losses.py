@@ -85,8 +85,9 @@ def _exp_parts(y):
 
 
 @triton.jit
-def _kl_token(x, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
-    """(kl, d kl / d logprobs) at x = logprobs - ref_logprobs."""
+def _kl_token(x, clamp, cap, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_CAP: tl.constexpr):
+    """(kl, d kl / d logprobs) at x = logprobs - ref_logprobs: x clamped to [-clamp, clamp] when
+    HAS_CLAMP, the value to [-cap, cap] when HAS_CAP, the derivative 0 where either is active."""
     if HAS_CLAMP:
         active = tl.abs(x) > clamp
         x = tl.where(x > clamp, clamp, tl.where(x < -clamp, -clamp, x))
@@ -105,6 +106,10 @@ def _kl_token(x, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
         dkl = -em1
     if HAS_CLAMP:
         dkl = tl.where(active, 0.0, dkl)
+    if HAS_CAP:  # an exploding k3 (inf past x = -88) becomes cap, with derivative 0 (not -inf)
+        over = (kl > cap) | (kl < -cap)
+        kl = tl.where(kl > cap, cap, tl.where(kl < -cap, -cap, kl))
+        dkl = tl.where(over, 0.0, dkl)
     return kl, dkl
 
 
@@ -123,9 +128,13 @@ def _masked_tile(a_ptr, b_ptr, c_ptr, mask_ptr, row, cols, inb, stride_a_r, stri
 
 
 @triton.jit
-def _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, HAS_DUAL: tl.constexpr):
+def _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, log_ratio_clamp, HAS_DUAL: tl.constexpr,
+                  HAS_LOG_RATIO_CLAMP: tl.constexpr):
     """(loss, grad, clipped, dual_clipped, k3, ratio) of valid tokens (see ppo::policy_token)."""
     d = lp - old
+    if HAS_LOG_RATIO_CLAMP:  # before exp; the ratio is constant (gradient 0) outside the range
+        clamped = tl.abs(d) > log_ratio_clamp
+        d = tl.where(d > log_ratio_clamp, log_ratio_clamp, tl.where(d < -log_ratio_clamp, -log_ratio_clamp, d))
     r, _, k3 = _exp_parts(d)
     neg_adv = 0.0 - adv
     l1 = neg_adv * r
@@ -133,6 +142,8 @@ def _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, HAS_DUAL: tl.c
     clipped = l2 > l1
     loss = tl.maximum(l1, l2)
     grad = tl.where(clipped, 0.0, l1)  # d(-A e^d)/dd = l1
+    if HAS_LOG_RATIO_CLAMP:
+        grad = tl.where(clamped, 0.0, grad)
     dual = tl.zeros_like(loss)
     if HAS_DUAL:
         l3 = neg_adv * dual_clip
@@ -156,14 +167,16 @@ def _kl_penalty_fwd_kernel(
     stride_lp_r, stride_lp_c, stride_ref_r, stride_ref_c,
     n_cols,       # C
     clamp,        # > 0, read only when HAS_CLAMP
-    ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    cap,          # > 0, read only when HAS_CAP
+    ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 long before R does
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = cols < n_cols
     lp = tl.load(lp_ptr + row * stride_lp_r + cols * stride_lp_c, mask=inb, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + row * stride_ref_r + cols * stride_ref_c, mask=inb, other=0.0).to(tl.float32)
-    kl, dkl = _kl_token(lp - ref, clamp, ESTIMATOR, HAS_CLAMP)
+    kl, dkl = _kl_token(lp - ref, clamp, cap, ESTIMATOR, HAS_CLAMP, HAS_CAP)
     tl.store(kl_ptr + row * n_cols + cols, kl, mask=inb)
     if NEED_GRAD:
         tl.store(dkl_ptr + row * n_cols + cols, dkl, mask=inb)
@@ -179,7 +192,8 @@ def _ppo_policy_loss_fwd_kernel(
     n_cols,                    # T
     ratio_low, ratio_high,     # 1 - eps_low, 1 + eps_high
     dual_clip,                 # c > 1, read only when HAS_DUAL
-    HAS_DUAL: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    log_ratio_clamp,           # > 0, read only when HAS_LOG_RATIO_CLAMP
+    HAS_DUAL: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -188,7 +202,8 @@ def _ppo_policy_loss_fwd_kernel(
     m, valid, lp, old, adv = _masked_tile(
         lp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, inb,
         stride_lp_r, stride_lp_c, stride_old_r, stride_old_c, stride_adv_r, stride_adv_c, stride_m_r, stride_m_c)
-    loss, grad, clipped, dual, k3, ratio = _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, HAS_DUAL)
+    loss, grad, clipped, dual, k3, ratio = _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip,
+                                                         log_ratio_clamp, HAS_DUAL, HAS_LOG_RATIO_CLAMP)
     if NEED_GRAD:
         tl.store(token_grad_ptr + row * n_cols + cols, m * grad, mask=inb)
     out = partials_ptr + (row * tl.num_programs(1) + tile) * 8
@@ -390,17 +405,19 @@ def _grid(n_rows, n_cols, block):
     return (n_rows, tiles)
 
 
-def _kl_fwd_launch(lp, ref, kl, dkl, estimator, clamp):
+def _kl_fwd_launch(lp, ref, kl, dkl, estimator, clamp, cap=None):
     n_rows, n_cols = lp.shape
     block, warps = launch_config(n_cols)
     args = dict(lp_ptr=lp, ref_ptr=ref, kl_ptr=kl, dkl_ptr=dkl if dkl is not None else kl,  # unread placeholder
                 stride_lp_r=lp.stride(0), stride_lp_c=lp.stride(1), stride_ref_r=ref.stride(0),
-                stride_ref_c=ref.stride(1), n_cols=n_cols, clamp=float(clamp) if clamp is not None else 1.0)
-    constexprs = dict(ESTIMATOR=estimator, HAS_CLAMP=clamp is not None, NEED_GRAD=dkl is not None, BLOCK=block)
+                stride_ref_c=ref.stride(1), n_cols=n_cols, clamp=float(clamp) if clamp is not None else 1.0,
+                cap=float(cap) if cap is not None else 1.0)
+    constexprs = dict(ESTIMATOR=estimator, HAS_CLAMP=clamp is not None, HAS_CAP=cap is not None,
+                      NEED_GRAD=dkl is not None, BLOCK=block)
     return args, constexprs, warps, _grid(n_rows, n_cols, block)
 
 
-def _policy_fwd_launch(lp, old, adv, mask, partials, token_grad, eps_low, eps_high, dual_clip):
+def _policy_fwd_launch(lp, old, adv, mask, partials, token_grad, eps_low, eps_high, dual_clip, log_ratio_clamp):
     n_rows, n_cols = lp.shape
     block, warps = launch_config(n_cols)
     args = dict(lp_ptr=lp, old_ptr=old, adv_ptr=adv, mask_ptr=mask, partials_ptr=partials,
@@ -410,8 +427,10 @@ def _policy_fwd_launch(lp, old, adv, mask, partials, token_grad, eps_low, eps_hi
                 stride_m_r=mask.stride(0), stride_m_c=mask.stride(1), n_cols=n_cols,
                 # 1 - eps and 1 + eps rounded to fp32 as the reference's ratio.clamp(1 - eps, 1 + eps)
                 ratio_low=1.0 - eps_low, ratio_high=1.0 + eps_high,
-                dual_clip=float(dual_clip) if dual_clip is not None else 2.0)
-    constexprs = dict(HAS_DUAL=dual_clip is not None, NEED_GRAD=token_grad is not None, BLOCK=block)
+                dual_clip=float(dual_clip) if dual_clip is not None else 2.0,
+                log_ratio_clamp=float(log_ratio_clamp) if log_ratio_clamp is not None else 1.0)
+    constexprs = dict(HAS_DUAL=dual_clip is not None, HAS_LOG_RATIO_CLAMP=log_ratio_clamp is not None,
+                      NEED_GRAD=token_grad is not None, BLOCK=block)
     return args, constexprs, warps, _grid(n_rows, n_cols, block)
 
 
@@ -448,14 +467,14 @@ def _run(kernel, launch):
 
 
 def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: int, clamp: float | None,
-                   need_grad: bool):
+                   cap: float | None, need_grad: bool):
     """logprobs, ref_logprobs (R, C), any strides and float dtypes -> (kl (R, C) fp32 contiguous, dk/dx
-    (R, C) fp32 contiguous, or (0,) without need_grad)."""
+    (R, C) fp32 contiguous, or (0,) without need_grad). clamp: of x; cap: of the value (None: none)."""
     kl = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
     dkl = torch.empty(logprobs.shape if need_grad else (0,), dtype=torch.float32, device=logprobs.device)
     if kl.numel() > 0:
         _run(_kl_penalty_fwd_kernel, _kl_fwd_launch(logprobs, ref_logprobs, kl, dkl if need_grad else None,
-                                                    estimator, clamp))
+                                                    estimator, clamp, cap))
     return kl, dkl
 
 
@@ -480,13 +499,13 @@ def _loss_fwd(kernel, launch_fn, inputs, n_partials, n_stats, aggregation, num_i
     return loss, stats, token_grad, row_scale
 
 
-def ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, aggregation,
-                        num_items, num_items_int, norm_length, need_grad):
+def ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, log_ratio_clamp,
+                        aggregation, num_items, num_items_int, norm_length, need_grad):
     """(B, T) inputs (any strides; float dtypes, mask bool or float) -> (loss (), stats (6,), token_grad
     (B, T) or (0,), row_scale (B,)), all fp32; see rlhf_fast/ops/ppo_policy_loss.py."""
     return _loss_fwd(_ppo_policy_loss_fwd_kernel, _policy_fwd_launch, (logprobs, old_logprobs, advantages, mask),
                      POLICY_PARTIALS, POLICY_STATS, aggregation, num_items, num_items_int, norm_length, need_grad,
-                     eps_low, eps_high, dual_clip)
+                     eps_low, eps_high, dual_clip, log_ratio_clamp)
 
 
 def value_loss_fwd(values, old_values, returns, mask, clip_eps, aggregation, num_items, num_items_int, norm_length,
@@ -534,12 +553,14 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
                     label)
                 add(f"kl_penalty_fwd[{est_name}]+grad+clamp", _kl_penalty_fwd_kernel,
                     _kl_fwd_launch(x, x, f32, f32, est, 10.0), label)
+                add(f"kl_penalty_fwd[{est_name}]+grad+cap", _kl_penalty_fwd_kernel,
+                    _kl_fwd_launch(x, x, f32, f32, est, None, 10.0), label)
             block, _ = launch_config(n_cols)
             per_row = triton.cdiv(n_cols, block)
             partials = torch.empty((n_rows * per_row * POLICY_PARTIALS,), dtype=torch.float32, **meta)
             for dual in (None, 3.0):
                 add("ppo_policy_loss_fwd" + ("+dual" if dual else ""), _ppo_policy_loss_fwd_kernel,
-                    _policy_fwd_launch(x, x, x, mask, partials, f32, 0.2, 0.28, dual), label)
+                    _policy_fwd_launch(x, x, x, mask, partials, f32, 0.2, 0.28, dual, 20.0), label)
             add("value_loss_fwd", _value_loss_fwd_kernel, _value_fwd_launch(x, x, x, mask, partials, f32, 0.2), label)
     scalar = torch.empty((), dtype=torch.float32, **meta)
     for is_value in (False, True):

@@ -362,36 +362,55 @@ def ranking_loss_loop_ref(rewards: Tensor, *, num_candidates: Tensor | None = No
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
 
 
+def _kl_cap_value(cap, estimator: str) -> float | None:
+    """kl_penalty's ``cap``: ``"default"`` is 10 for k3 and no cap for the others (verl's convention)."""
+    if isinstance(cap, str):
+        from rlhf_fast.ops._numerics import resolve_kl_cap
+
+        return resolve_kl_cap("cap", cap, estimator)
+    return cap
+
+
 def kl_penalty_ref(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
-                   clamp: float | None = None) -> Tensor:
+                   clamp: float | None = None, cap: float | str | None = "default") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from log-probs of the sampled tokens, fp32.
 
     x = logprobs - ref_logprobs, clamped to [-clamp, clamp] first when clamp is given; then
         k1 = x,   abs = |x|,   k2 = x^2 / 2,   k3 = exp(-x) - 1 + x
-    k3 is evaluated as expm1(-x) + x in float64: in fp32 the sum cancels to a relative error of about
-    1e-7 / |x| near x = 0, where k3 ~ x^2 / 2 (the kernels use a series there instead).
-    Differentiable in `logprobs` only (the gradient is 0 where the clamp is active, |x| > clamp);
-    `ref_logprobs` is treated as data.
+    and the value clamped to [-cap, cap] when a cap is given (``"default"``: 10 for k3, none for the
+    others). k3 is evaluated as expm1(-x) + x in float64: in fp32 the sum cancels to a relative error
+    of about 1e-7 / |x| near x = 0, where k3 ~ x^2 / 2 (the kernels use a series there instead).
+    Differentiable in `logprobs` only (the gradient is 0 where the clamp is active, |x| > clamp, and
+    where the cap is, |k| > cap); `ref_logprobs` is treated as data.
     """
+    cap = _kl_cap_value(cap, estimator)
     x = logprobs.float() - ref_logprobs.detach().float()
     if clamp is not None:
         x = x.clamp(-clamp, clamp)
     if estimator == "k1":
-        return x
-    if estimator == "abs":
-        return x.abs()
-    if estimator == "k2":
-        return 0.5 * x * x
-    if estimator == "k3":
+        k = x
+    elif estimator == "abs":
+        k = x.abs()
+    elif estimator == "k2":
+        k = 0.5 * x * x
+    elif estimator == "k3":
         x64 = x.double()
-        return (torch.expm1(-x64) + x64).float()
-    raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
+        k = (torch.expm1(-x64) + x64).float()
+    else:
+        raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
+    if cap is not None:
+        # torch.where, not clamp: k3 of a very negative x is inf, whose gradient through clamp is NaN
+        over = k.abs() > cap
+        k = torch.where(over, torch.full_like(k, cap) * torch.sign(k).detach(), k)
+    return k
 
 
 def kl_penalty_backward_ref(grad: Tensor, logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
-                            clamp: float | None = None) -> Tensor:
+                            clamp: float | None = None, cap: float | str | None = "default") -> Tensor:
     """Gradient of kl_penalty_ref w.r.t. logprobs for the upstream gradient `grad`, in logprobs' dtype:
-    grad * dk/dx with dk/dx = 1 (k1), sign(x) (abs), x (k2), 1 - exp(-x) (k3), and 0 where |x| > clamp."""
+    grad * dk/dx with dk/dx = 1 (k1), sign(x) (abs), x (k2), 1 - exp(-x) (k3), and 0 where |x| > clamp
+    or |k| > cap."""
+    cap = _kl_cap_value(cap, estimator)
     x = logprobs.float() - ref_logprobs.float()
     if clamp is not None:
         active = x.abs() > clamp
@@ -406,6 +425,9 @@ def kl_penalty_backward_ref(grad: Tensor, logprobs: Tensor, ref_logprobs: Tensor
         d = -torch.expm1(-x)
     if clamp is not None:
         d = torch.where(active, torch.zeros_like(d), d)
+    if cap is not None:
+        k = kl_penalty_ref(logprobs.float().detach(), ref_logprobs, estimator=estimator, clamp=clamp, cap=None)
+        d = torch.where(k.abs() > cap, torch.zeros_like(d), d)
     return (grad.float() * d).to(logprobs.dtype)
 
 
@@ -433,15 +455,17 @@ def _rl_masked_extreme(x: Tensor, valid: Tensor, *, largest: bool) -> Tensor:
 
 def ppo_policy_loss_terms_ref(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                               clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                              dual_clip: float | None = None) -> dict[str, Tensor]:
+                              dual_clip: float | None = None, log_ratio_clamp: float | None = 20.0
+                              ) -> dict[str, Tensor]:
     """Per-token terms of the PPO clipped-ratio objective, (B, T) fp32 each (0 at masked positions):
 
-        d = logprobs - old_logprobs,  r = exp(d),  A = advantages
+        d = clamp(logprobs - old_logprobs, -c, c)  (c = log_ratio_clamp; no clamp when None)
+        r = exp(d),  A = advantages
         l_unclipped = -A * r,   l_clipped = -A * clip(r, 1 - clip_eps, 1 + clip_eps_high)
         loss = max(l_unclipped, l_clipped)                       clipped = l_clipped > l_unclipped
         with dual_clip = c > 1, for A < 0:  loss = min(loss, -A * c)   dual_clipped = A < 0 and loss > -A * c
-        grad = d loss / d logprobs = -A * r where neither clip is active, else 0
-        k3 = exp(d) - 1 - d  (expm1(d) - d in float64, as in kl_penalty_ref): the k3 estimate of
+        grad = d loss / d logprobs = -A * r where neither clip nor the log-ratio clamp is active, else 0
+        k3 = exp(d) - 1 - d  (of the clamped d; expm1(d) - d in float64, as in kl_penalty_ref): the k3 estimate of
              KL(old || new), with x = old - new in kl_penalty_ref's k3
 
     Returns a dict with loss, grad, clipped, dual_clipped (0/1 floats), k3, ratio and valid (bool).
@@ -450,6 +474,10 @@ def ppo_policy_loss_terms_ref(logprobs: Tensor, old_logprobs: Tensor, advantages
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     valid, m, (lp, old, adv) = _rl_valid_fp32(mask, logprobs, old_logprobs.detach(), advantages.detach())
     log_ratio = lp - old
+    clamped = torch.zeros_like(valid)
+    if log_ratio_clamp is not None:
+        clamped = log_ratio.detach().abs() > log_ratio_clamp
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)  # gradient 0 outside the range
     ratio = torch.exp(log_ratio)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
@@ -460,7 +488,7 @@ def ppo_policy_loss_terms_ref(logprobs: Tensor, old_logprobs: Tensor, advantages
         loss_dual = -adv * dual_clip
         dual_clipped = (adv < 0) & (loss > loss_dual)
         loss = torch.where(adv < 0, torch.minimum(loss, loss_dual), loss)
-    grad = torch.where(clipped | dual_clipped, torch.zeros_like(ratio), -adv * ratio).detach()
+    grad = torch.where(clipped | dual_clipped | clamped, torch.zeros_like(ratio), -adv * ratio).detach()
     d64 = log_ratio.detach().double()
     k3 = (torch.expm1(d64) - d64).float()
     return dict(loss=loss, grad=grad, clipped=clipped.float(), dual_clipped=dual_clipped.float(), k3=k3,
@@ -473,7 +501,8 @@ PPO_POLICY_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "r
 def ppo_policy_loss_ref(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                         clip_eps: float = 0.2, clip_eps_high: float | None = None,
                         dual_clip: float | None = None, aggregation: str = "token-mean", num_items=None,
-                        norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        norm_length: int | None = None, log_ratio_clamp: float | None = 20.0
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped-ratio policy loss (per-token terms: ppo_policy_loss_terms_ref), aggregated by
     `aggregation` (rlhf_fast/ops/_aggregation.py), and its statistics over the valid tokens:
     clip_frac, dual_clip_frac, approx_kl (mean k3), ratio_mean (all weighted by the mask), ratio_min,
@@ -483,7 +512,7 @@ def ppo_policy_loss_ref(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     from rlhf_fast.ops._aggregation import aggregate
 
     t = ppo_policy_loss_terms_ref(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
-                                  clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+                                  clip_eps_high=clip_eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp)
     return aggregate(t["loss"], mask, aggregation, num_items, norm_length), ppo_policy_stats_ref(t)
 
 

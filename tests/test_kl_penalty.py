@@ -24,16 +24,16 @@ def make_inputs(shape, dtype, scale=1.0, ref_dtype=None):
     return lp, ref
 
 
-def run_both(lp, ref, backend, estimator, clamp, grad=None):
+def run_both(lp, ref, backend, estimator, clamp, grad=None, cap="default"):
     """(kl, grad_logprobs) of the op and of the reference (autograd), for upstream gradient `grad`."""
     grad = torch.randn(lp.shape) if grad is None else grad
     out = []
     for fn in ("op", "ref"):
         x = lp.detach().clone().requires_grad_(True)
         if fn == "op":
-            kl = rlhf_fast.kl_penalty(x, ref, estimator=estimator, clamp=clamp, backend=backend)
+            kl = rlhf_fast.kl_penalty(x, ref, estimator=estimator, clamp=clamp, cap=cap, backend=backend)
         else:
-            kl = kl_penalty_ref(x, ref, estimator=estimator, clamp=clamp)
+            kl = kl_penalty_ref(x, ref, estimator=estimator, clamp=clamp, cap=cap)
         (g,) = torch.autograd.grad(kl, x, grad)
         out.append((kl.detach(), g))
     return out
@@ -54,21 +54,77 @@ def test_matches_reference(backend, dtype, estimator, clamp):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 def test_extreme_log_ratios(backend, estimator):
-    """|x| up to 50 is finite without a clamp; with a clamp any x is (here up to 1e4), and the
+    """|x| up to 50 is finite without a clamp or cap; with a clamp any x is (here up to 1e4), and the
     gradient is exactly 0 where the clamp is active."""
     x = torch.tensor([[-50.0, -20.0, -1e-6, 0.0, 1e-6, 20.0, 50.0]])
     lp = torch.zeros_like(x)
-    (kl, g), (kl_r, g_r) = run_both(lp, -x, backend, estimator, None, torch.ones_like(x))
+    (kl, g), (kl_r, g_r) = run_both(lp, -x, backend, estimator, None, torch.ones_like(x), cap=None)
     assert torch.isfinite(kl).all() and torch.isfinite(g).all()
     assert_close(kl, kl_r, "kl", **OUT_TOL)
     assert_close(g, g_r, "grad_logprobs", atol=1e-6, rtol=1e-5)
     big = torch.tensor([[-1e4, -100.0, -3.0, -0.5, 0.0, 0.5, 3.0, 100.0, 1e4]])
-    (kl, g), (kl_r, g_r) = run_both(torch.zeros_like(big), -big, backend, estimator, 3.0, torch.ones_like(big))
+    (kl, g), (kl_r, g_r) = run_both(torch.zeros_like(big), -big, backend, estimator, 3.0, torch.ones_like(big),
+                                    cap=None)
     assert torch.isfinite(kl).all() and torch.isfinite(g).all()
     assert_close(kl, kl_r, "kl", **OUT_TOL)
     assert_close(g, g_r, "grad_logprobs", atol=1e-6, rtol=1e-5)
     active = big.abs() > 3.0
     assert (g[active] == 0).all() and (g[~active & (big != 0)] != 0).all()
+
+
+CAPS = ["default", None, 10.0, 2.5]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize("cap", CAPS, ids=lambda c: f"cap={c}")
+def test_cap_at_extreme_log_ratios(backend, estimator, cap):
+    """x = logprobs - ref_logprobs at +-15, +-25, +-80 (and ordinary values): finite values and gradients
+    equal to the reference, the value within [-cap, cap] and the gradient exactly 0 where the cap is active
+    (k3's default cap: 10)."""
+    x = torch.tensor([[-80.0, -25.0, -15.0, -12.0, -2.0, -0.3, 0.0, 0.3, 2.0, 12.0, 15.0, 25.0, 80.0]])
+    lp = torch.full_like(x, -3.0)
+    (kl, g), (kl_r, g_r) = run_both(lp, lp - x, backend, estimator, None, torch.ones_like(x), cap=cap)
+    assert torch.isfinite(kl).all() and torch.isfinite(g).all()
+    assert_close(kl, kl_r, "kl", atol=5e-5, rtol=2e-5)
+    assert_close(g, g_r, "grad_logprobs", atol=1e-6, rtol=2e-5)
+    limit = {"default": 10.0 if estimator == "k3" else None}.get(cap, cap)
+    if limit is not None:
+        uncapped = kl_penalty_ref(lp, lp - x, estimator=estimator, cap=None)
+        over = uncapped.abs() > limit
+        assert kl.abs().max() <= limit and (g[over] == 0).all() and (kl[over].abs() == limit).all()
+        assert_close(kl[~over], uncapped[~over], "values under the cap", atol=5e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_k3_default_cap_and_opt_out(backend):
+    """k3 at x = -12 (policy far below the reference) is 1.6e5 without a cap; the default caps it at 10
+    as verl does, cap=None restores it, and the default leaves k1 / abs / k2 alone (cap=10.0 caps them,
+    OpenRLHF's convention)."""
+    lp, ref = torch.tensor([[-14.0, -1.0]]), torch.tensor([[-2.0, -1.5]])  # x = -12, 0.5
+    k3 = rlhf_fast.kl_penalty(lp, ref, estimator="k3", backend=backend)
+    assert k3[0, 0] == 10.0 and abs(k3[0, 1].item() - (torch.tensor(-0.5).exp().item() - 0.5)) < 1e-6
+    raw = rlhf_fast.kl_penalty(lp, ref, estimator="k3", cap=None, backend=backend)
+    assert abs(raw[0, 0].item() / (torch.tensor(12.0, dtype=torch.float64).exp().item() - 13.0) - 1) < 1e-5
+    for estimator, value in (("k1", -12.0), ("abs", 12.0), ("k2", 72.0)):
+        assert rlhf_fast.kl_penalty(lp, ref, estimator=estimator, backend=backend)[0, 0] == value
+        assert rlhf_fast.kl_penalty(lp, ref, estimator=estimator, cap=10.0, backend=backend)[0, 0] == (
+            -10.0 if value < 0 else 10.0)
+
+
+def test_cuda_backend_refuses_other_caps():
+    """The CUDA kernels have the default cap built in: asking for cuda with another cap is an error that
+    says so; an automatic choice of cuda falls back."""
+    from rlhf_fast.ops import _numerics as N
+
+    assert N.cuda_reasons("kl_penalty", kl_cap=10.0, estimator="k3") == []
+    assert N.cuda_reasons("kl_penalty", kl_cap=None, estimator="k1") == []
+    reasons = N.cuda_reasons("kl_penalty", kl_cap=None, estimator="k3")
+    assert reasons and "default KL cap" in reasons[0]
+    with pytest.raises(ValueError, match="backend 'cuda' .* cannot run: the CUDA kernels of kl_penalty"):
+        N.avoid_fixed_cuda("kl_penalty", "cuda", "cuda", "torch", reasons)
+    assert N.avoid_fixed_cuda("kl_penalty", "cuda", None, "torch", reasons) == "torch"
+    assert N.avoid_fixed_cuda("kl_penalty", "cpu", "cpu", "torch", reasons) == "cpu"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -145,6 +201,11 @@ def test_long_rows(backend):
         (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), clamp=0.0), "clamp: expected a finite number > 0"),
         (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), clamp=-1.0), "clamp: expected a finite number > 0"),
         (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), clamp=float("inf")), "clamp: expected a finite"),
+        (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), cap=0.0), "cap: expected a finite number > 0"),
+        (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), cap=-10.0), "cap: expected a finite number > 0"),
+        (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), cap=float("nan")), "cap: expected a finite"),
+        (dict(logprobs=torch.randn(2), ref_logprobs=torch.randn(2), cap="k3"),
+         "cap: expected 'default', None or a finite number > 0, got 'k3'"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -156,23 +217,23 @@ def test_bad_input(kwargs, match):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     lp, ref = make_inputs((4, 50), torch.float32)
-    # params: estimator code, clamp (0: none), need_grad
+    # params: estimator code, clamp (0: none), cap (0: none), need_grad
     for code in range(len(KL_ESTIMATORS)):
-        for clamp in (0.0, 1.5):
+        for clamp, cap in ((0.0, 0.0), (1.5, 0.0), (0.0, 0.5)):
             torch.library.opcheck(torch.ops.rlhf_fast.kl_penalty.default,
-                                  (lp.clone().requires_grad_(True), ref, [code, clamp, 1.0], backend))
+                                  (lp.clone().requires_grad_(True), ref, [code, clamp, cap, 1.0], backend))
     torch.library.opcheck(torch.ops.rlhf_fast.kl_penalty.default,
-                          (lp.to(torch.bfloat16), ref, [3.0, 0.0, 0.0], backend))
+                          (lp.to(torch.bfloat16), ref, [3.0, 0.0, 10.0, 0.0], backend))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_derivative_only_when_needed(backend):
     """dk/dx is written only when logprobs requires grad (and grad mode is on)."""
     lp, ref = make_inputs((3, 20), torch.float32)
-    _, dkl = torch.ops.rlhf_fast.kl_penalty(lp, ref, [3.0, 0.0, 0.0], backend)
+    _, dkl = torch.ops.rlhf_fast.kl_penalty(lp, ref, [3.0, 0.0, 10.0, 0.0], backend)
     assert dkl.numel() == 0
     x = lp.clone().requires_grad_(True)
-    kl, dkl = torch.ops.rlhf_fast.kl_penalty(x, ref, [3.0, 0.0, 1.0], backend)
+    kl, dkl = torch.ops.rlhf_fast.kl_penalty(x, ref, [3.0, 0.0, 10.0, 1.0], backend)
     assert dkl.shape == lp.shape and not dkl.requires_grad and kl.requires_grad
     assert_close(dkl, kl_penalty_backward_ref(torch.ones(3, 20), lp, ref, estimator="k3"), "dkl", **OUT_TOL)
     with torch.no_grad():
@@ -199,12 +260,13 @@ def test_torch_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 @pytest.mark.parametrize("clamp", CLAMPS, ids=lambda c: f"clamp={c}")
-def test_reference_backward_matches_autograd(estimator, clamp):
+@pytest.mark.parametrize("cap", [None, 1.0], ids=lambda c: f"cap={c}")
+def test_reference_backward_matches_autograd(estimator, clamp, cap):
     """The hand-written derivative (what the torch backend saves for the backward) equals autograd of
     the reference."""
     lp, ref = make_inputs((5, 31), torch.float32, scale=2.0)
     x = lp.clone().requires_grad_(True)
     g = torch.randn(5, 31)
-    (auto,) = torch.autograd.grad(kl_penalty_ref(x, ref, estimator=estimator, clamp=clamp), x, g)
-    manual = kl_penalty_backward_ref(g, lp, ref, estimator=estimator, clamp=clamp)
+    (auto,) = torch.autograd.grad(kl_penalty_ref(x, ref, estimator=estimator, clamp=clamp, cap=cap), x, g)
+    manual = kl_penalty_backward_ref(g, lp, ref, estimator=estimator, clamp=clamp, cap=cap)
     assert_close(manual, auto, "grad_logprobs", atol=1e-6, rtol=1e-6)

@@ -35,14 +35,15 @@ def make(b=3, t=9, hdim=16, vocab=500, dtype=torch.float32):
 
 
 def composed(hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels, *, kl_coef, kl_estimator,
-             entropy_coef, dual_clip, aggregation, ptx_coef, temperature, bias=None):
+             entropy_coef, dual_clip, aggregation, ptx_coef, temperature, bias=None, log_ratio_clamp=20.0,
+             kl_cap="default"):
     lab = torch.where(mask != 0, labels, IGNORE)
     lp, ent = rlhf_fast.linear_logprobs(hidden, weight, lab, bias=bias, temperature=temperature,
                                         return_entropy=True, backend="torch")
-    terms = ppo_policy_loss_terms_ref(lp, old, adv, mask, dual_clip=dual_clip)
+    terms = ppo_policy_loss_terms_ref(lp, old, adv, mask, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp)
     tok = terms["loss"] - entropy_coef * ent
     if kl_coef:
-        tok = tok + kl_coef * kl_penalty_ref(lp, ref, estimator=kl_estimator)
+        tok = tok + kl_coef * kl_penalty_ref(lp, ref, estimator=kl_estimator, cap=kl_cap)
     loss = aggregate(tok, mask, aggregation)
     if ptx_coef:
         plp = rlhf_fast.linear_logprobs(ptx_hidden, weight, ptx_labels, bias=bias, temperature=temperature,
@@ -92,6 +93,54 @@ def test_equals_composition(backend, config, with_bias):
         assert_close(gp, gp_c, "grad_ptx_hidden", **TOL)
 
 
+LOG_RATIOS = torch.tensor([-80.0, -25.0, -15.0, -0.2, 0.0, 0.2, 15.0, 25.0, 80.0])
+
+
+def extreme_inputs(log_ratios=LOG_RATIOS):
+    """make()'s inputs with old_logprobs and ref_logprobs moved so that logprob - old and logprob - ref
+    take the values of `log_ratios` (cycled; the KL's in another order) at the valid tokens."""
+    hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels = make()
+    lp = rlhf_fast.linear_logprobs(hidden, weight, torch.where(mask != 0, labels, IGNORE), backend="torch")
+    n = lp.numel()
+    d = log_ratios.repeat(-(-n // log_ratios.numel()))[:n].view(lp.shape)
+    d_kl = log_ratios.flip(0).repeat(-(-n // log_ratios.numel()))[:n].view(lp.shape).roll(1, dims=1)
+    return hidden, weight, labels, mask, lp - d, adv, lp - d_kl, ptx_hidden, ptx_labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clamp, cap, log_ratios", [
+    (20.0, "default", LOG_RATIOS), (5.0, 2.0, LOG_RATIOS), (None, None, LOG_RATIOS[1:-1])],
+    ids=["defaults", "clamp=5-cap=2", "off"])
+@pytest.mark.parametrize("estimator", ["k3", "k1"])
+def test_extreme_log_ratios(backend, clamp, cap, log_ratios, estimator):
+    """Log-ratios of +-15, +-25, +-80 against old_logprobs and ref_logprobs: finite loss, statistics and
+    gradients, equal to the composition of the references with the same log_ratio_clamp and kl_cap
+    (without them, +-80 would overflow the gradient GEMMs: +-15 and +-25 only)."""
+    inputs = extreme_inputs(log_ratios)
+    config = dict(kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.01, dual_clip=3.0, aggregation="token-mean",
+                  ptx_coef=0.5, temperature=1.0)
+    results = []
+    for which in ("fused", "composed"):
+        hidden, weight, labels, mask, old, adv, ref, ptx_hidden, ptx_labels = inputs
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if which == "fused":
+            loss, stats = rlhf_fast.linear_ppo_loss(h, w, labels, old, adv, mask, ref_logprobs=ref,
+                                                    ptx_hidden=ptx_hidden, ptx_labels=ptx_labels,
+                                                    log_ratio_clamp=clamp, kl_cap=cap, backend=backend, **config)
+            assert all(torch.isfinite(v) for v in stats.values())
+        else:
+            loss = composed(h, w, labels, mask, old, adv, ref, ptx_hidden, ptx_labels, log_ratio_clamp=clamp,
+                            kl_cap=cap, **config)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+        results.append((loss.detach(), h.grad, w.grad))
+    (lf, gh, gw), (lc, gh_c, gw_c) = results
+    tol = lambda g: dict(atol=TOL["atol"] * max(1.0, g.abs().max().item()), rtol=TOL["rtol"])  # noqa: E731
+    assert_close(lf, lc, "loss", **tol(lc))
+    assert_close(gh, gh_c, "grad_hidden", **tol(gh_c))
+    assert_close(gw, gw_c, "grad_weight", **tol(gw_c))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_match_ppo_policy_loss(backend):
     hidden, weight, labels, mask, old, adv, ref, _, _ = make()
@@ -127,6 +176,9 @@ def test_fully_masked_batch_and_no_grad(backend):
         (dict(clip_eps=0.0), "clip_eps: expected a finite number > 0"),
         (dict(dual_clip=0.5), "dual_clip: expected a finite number > 1"),
         (dict(aggregation="mean"), "aggregation: expected one of"),
+        (dict(log_ratio_clamp=0.0), "log_ratio_clamp: expected a finite number > 0, got 0.0"),
+        (dict(kl_cap=-1.0), "kl_cap: expected a finite number > 0, got -1.0"),
+        (dict(kl_cap="on"), "kl_cap: expected 'default', None or a finite number > 0, got 'on'"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -228,7 +280,7 @@ def test_opcheck(backend, with_bias):
     bias = torch.randn(weight.shape[0]).requires_grad_(True) if with_bias else None
     args = (rows, weight.clone().requires_grad_(True), bias, lab, mask.reshape(-1) / max(1.0, float(mask.sum())),
             old.reshape(-1), adv.reshape(-1), ref.reshape(-1), n, 0.1, 3, 0.01, 0.2, 0.2, 3.0, 1.0, IGNORE, True,
-            8, backend)
+            8, 20.0, 10.0, backend)
     torch.library.opcheck(_linear_ppo_loss_op, args)
 
 

@@ -64,8 +64,8 @@ def run(backend, x, *, with_bias, ptx, grad=True, **config):
     return loss.detach(), stats, {k: v.grad for k, v in leaves.items()}
 
 
-def compare(dtype, *, with_bias, ptx, **config):
-    x = make(dtype)
+def compare(dtype, *, with_bias, ptx, x=None, **config):
+    x = make(dtype) if x is None else x
     got = run("triton", x, with_bias=with_bias, ptx=ptx, **config)
     want = run("torch", x, with_bias=with_bias, ptx=ptx, **config)
     assert got[0].dtype == torch.float32 and torch.isfinite(got[0])
@@ -101,6 +101,26 @@ CONFIGS = [
 @pytest.mark.parametrize("config, ptx", CONFIGS)
 def test_matches_torch_backend(config, ptx):
     compare(torch.float32, with_bias=ptx, ptx=ptx, **config)
+
+
+@pytest.mark.parametrize("clamp, cap, log_ratios", [
+    (20.0, "default", (-80.0, -25.0, -15.0, -0.2, 0.0, 0.2, 15.0, 25.0, 80.0)),
+    (None, None, (-25.0, -15.0, 0.1, 15.0, 25.0))], ids=["defaults", "off"])
+def test_extreme_log_ratios(clamp, cap, log_ratios):
+    """logprob - old_logprobs and logprob - ref_logprobs at +-15, +-25 (and +-80 with the default clamp
+    and cap): finite loss, statistics and gradients equal to the torch backend's."""
+    x = make()
+    lp = rlhf_fast.linear_logprobs(x["hidden"], x["weight"], torch.where(x["mask"] != 0, x["labels"], IGNORE),
+                                   bias=x["bias"], backend="torch")
+    d = torch.tensor(log_ratios)
+    n = lp.numel()
+    x["old"] = lp - d.repeat(-(-n // d.numel()))[:n].view(lp.shape)
+    x["ref"] = lp - d.flip(0).repeat(-(-n // d.numel()))[:n].view(lp.shape).roll(1, dims=1)
+    x["old"][-1] = float("nan")  # the fully masked sequence's padding still reaches nothing
+    got = compare(torch.float32, with_bias=True, ptx=True, x=x, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
+                  dual_clip=3.0, ptx_coef=0.5, log_ratio_clamp=clamp, kl_cap=cap)
+    assert all(torch.isfinite(v) for v in got[1].values())
+    assert all(torch.isfinite(g).all() for g in got[2].values())
 
 
 def test_fp16_matches_torch_backend():
@@ -147,5 +167,6 @@ def test_opcheck():
     lab = torch.where(mask != 0, x["labels"].reshape(-1), IGNORE)
     args = (rows, x["weight"].clone().requires_grad_(True), x["bias"].clone().requires_grad_(True), lab,
             mask / max(1.0, float(mask.sum())), torch.nan_to_num(x["old"].reshape(-1)), x["adv"].reshape(-1),
-            x["ref"].reshape(-1), rows.shape[0], 0.1, 3, 0.01, 0.2, 0.2, 3.0, 1.0, IGNORE, True, 8, "triton")
+            x["ref"].reshape(-1), rows.shape[0], 0.1, 3, 0.01, 0.2, 0.2, 3.0, 1.0, IGNORE, True, 8, 20.0, 10.0,
+            "triton")
     torch.library.opcheck(_linear_ppo_loss_op, args)

@@ -87,6 +87,56 @@ def test_extreme_log_ratios(backend):
         check(result, torch.float32)
 
 
+LOG_RATIOS = [-80.0, -25.0, -15.0, -0.3, 0.0, 0.3, 15.0, 25.0, 80.0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("log_ratio_clamp", [20.0, None, 5.0], ids=lambda c: f"clamp={c}")
+@pytest.mark.parametrize("dual_clip", [None, 3.0], ids=lambda d: f"dual={d}")
+def test_log_ratio_clamp_at_extreme_log_ratios(backend, log_ratio_clamp, dual_clip):
+    """Log-ratios of +-15, +-25, +-80 with positive and negative advantages: finite loss, statistics and
+    gradient, equal to the reference; the gradient is exactly 0 where the clamp is active."""
+    d = torch.tensor(LOG_RATIOS)
+    lp = torch.full((2, d.numel()), -2.0)
+    old = lp - d
+    adv = torch.stack([torch.ones_like(d), -torch.ones_like(d)])
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    result = run_both((lp, old, adv, mask), backend, log_ratio_clamp=log_ratio_clamp, dual_clip=dual_clip)
+    loss, stats, g = result[0]
+    assert torch.isfinite(loss) and torch.isfinite(stats).all() and torch.isfinite(g).all()
+    check(result, torch.float32)
+    if log_ratio_clamp is not None:
+        active = (lp - old).abs() > log_ratio_clamp
+        assert (g[active] == 0).all()
+        assert stats[PPO_POLICY_STATS.index("ratio_max")] <= torch.tensor(log_ratio_clamp).exp() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_log_ratio_clamp_default_matches_peers(backend):
+    """At a log-ratio of 25 with advantage -1 the unclamped loss is exp(25) = 7.2e10; with the default
+    clamp (20, as verl and OpenRLHF) it is exp(20) = 4.85e8 and the token has no gradient."""
+    lp, old = torch.tensor([[0.0]]), torch.tensor([[-25.0]])
+    adv, mask = torch.tensor([[-1.0]]), torch.ones(1, 1, dtype=torch.bool)
+    x = lp.clone().requires_grad_(True)
+    loss, stats = rlhf_fast.ppo_policy_loss(x, old, adv, mask, backend=backend)
+    loss.backward()
+    assert abs(loss.item() / torch.tensor(20.0).exp().item() - 1) < 1e-5 and x.grad.item() == 0
+    assert abs(stats["ratio_max"].item() / torch.tensor(20.0).exp().item() - 1) < 1e-5
+    raw, _ = rlhf_fast.ppo_policy_loss(lp, old, adv, mask, log_ratio_clamp=None, backend=backend)
+    assert abs(raw.item() / torch.tensor(25.0).exp().item() - 1) < 1e-5
+
+
+def test_cuda_backend_refuses_other_log_ratio_clamps():
+    from rlhf_fast.ops import _numerics as N
+
+    assert N.cuda_reasons("ppo_policy_loss", 20.0) == []
+    for value in (None, 10.0):
+        reasons = N.cuda_reasons("ppo_policy_loss", value)
+        assert reasons == [f"the CUDA kernels of ppo_policy_loss compute log_ratio_clamp=20.0 only, got {value!r}"]
+        with pytest.raises(ValueError, match="ppo_policy_loss: backend 'cuda' .*log_ratio_clamp=20.0 only"):
+            N.avoid_fixed_cuda("ppo_policy_loss", "cuda", "cuda", "torch", reasons)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_split_batch_with_num_items_matches_full_batch(backend, aggregation):
@@ -196,6 +246,9 @@ def _args(**over):
         (_args(num_items=torch.ones(2)), "num_items: expected an int or a 0-dim tensor"),
         (_args(num_items=torch.tensor(3.0, device="meta")), "num_items: expected a tensor on cpu"),
         (_args(norm_length=0), "norm_length: expected an int > 0"),
+        (_args(log_ratio_clamp=0.0), "log_ratio_clamp: expected a finite number > 0, got 0.0"),
+        (_args(log_ratio_clamp=-20.0), "log_ratio_clamp: expected a finite number > 0, got -20.0"),
+        (_args(log_ratio_clamp=float("inf")), "log_ratio_clamp: expected a finite number > 0, got inf"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -207,17 +260,17 @@ def test_bad_input(kwargs, match):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     lp, old, adv, mask = make_inputs((4, 40), torch.float32, seed_garbage=False)
-    # params: clip_eps_low, clip_eps_high, dual_clip (0: none), aggregation code, num_items (-1: none),
-    # norm_length (-1: T), need_grad
-    for params, items in (([0.2, 0.28, 0.0, 0, -1, -1, 1], None), ([0.2, 0.28, 3.0, 1, 5, -1, 1], None),
-                          ([0.1, 0.2, 2.0, 3, -1, -1, 1], torch.tensor(7.0))):
+    # params: clip_eps_low, clip_eps_high, dual_clip (0: none), log_ratio_clamp (0: none), aggregation code,
+    # num_items (-1: none), norm_length (-1: T), need_grad
+    for params, items in (([0.2, 0.28, 0.0, 20.0, 0, -1, -1, 1], None), ([0.2, 0.28, 3.0, 0.0, 1, 5, -1, 1], None),
+                          ([0.1, 0.2, 2.0, 0.1, 3, -1, -1, 1], torch.tensor(7.0))):
         torch.library.opcheck(torch.ops.rlhf_fast.ppo_policy_loss.default,
                               (lp.clone().requires_grad_(True), old, adv, mask, items, params, backend))
     torch.library.opcheck(torch.ops.rlhf_fast.ppo_policy_loss.default,
-                          (lp, old, adv, mask, None, [0.2, 0.2, 0.0, 2, -1, 50, 0], backend))
+                          (lp, old, adv, mask, None, [0.2, 0.2, 0.0, 20.0, 2, -1, 50, 0], backend))
     torch.library.opcheck(torch.ops.rlhf_fast.ppo_policy_loss.default,
                           (lp.to(torch.bfloat16).requires_grad_(True), old, adv, mask.float(), None,
-                           [0.2, 0.2, 0.0, 0, -1, -1, 1], backend))
+                           [0.2, 0.2, 0.0, 20.0, 0, -1, -1, 1], backend))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -242,11 +295,13 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("dual_clip", [None, 2.0])
-def test_reference_terms_gradient_matches_autograd(dual_clip):
+@pytest.mark.parametrize("log_ratio_clamp", [None, 20.0, 0.5])
+def test_reference_terms_gradient_matches_autograd(dual_clip, log_ratio_clamp):
     """The per-token gradient written out in ppo_policy_loss_terms_ref (what the kernels compute)
     equals autograd of its per-token loss."""
     lp, old, adv, mask = make_inputs((4, 60), torch.float32, log_ratio_scale=1.0)
     x = lp.clone().requires_grad_(True)
-    t = ppo_policy_loss_terms_ref(x, old, adv, mask, clip_eps=0.2, clip_eps_high=0.3, dual_clip=dual_clip)
+    t = ppo_policy_loss_terms_ref(x, old, adv, mask, clip_eps=0.2, clip_eps_high=0.3, dual_clip=dual_clip,
+                                  log_ratio_clamp=log_ratio_clamp)
     (auto,) = torch.autograd.grad(t["loss"].sum(), x)
     assert_close(t["grad"], auto, "grad", atol=1e-6, rtol=1e-6)

@@ -107,8 +107,8 @@ def test_extreme_rewards(backend, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_prompts_without_pairs(backend):
-    """All ties, K < 2 and num_candidates < 2 form no pair: excluded from the mean; a batch without
-    any pair gives loss 0 and a zero (not NaN) gradient."""
+    """All ties and num_candidates < 2 form no pair: excluded from the mean; a batch without any pair
+    gives loss 0, num_pairs 0 and a zero (not NaN) gradient."""
     rewards = torch.randn(4, 5)
     ranks = torch.randint(0, 5, (4, 5))
     ranks[1] = 2  # all ties
@@ -119,9 +119,8 @@ def test_prompts_without_pairs(backend):
     only_first, _ = rlhf_fast.ranking_loss(rewards[:1], ranks=ranks[:1], backend=backend)
     assert_close(loss, only_first, "loss equals that of the only ranked prompt", **OUT_TOL)
     assert (grad[1:] == 0).all()
-    for kwargs in (dict(ranks=torch.zeros(4, 5, dtype=torch.long)), dict(num_candidates=torch.tensor([1, 0, 1, 0])),
-                   dict()):
-        x = (rewards[:, :1] if not kwargs else rewards).clone().requires_grad_(True)
+    for kwargs in (dict(ranks=torch.zeros(4, 5, dtype=torch.long)), dict(num_candidates=torch.tensor([1, 0, 1, 0]))):
+        x = rewards.clone().requires_grad_(True)
         loss, stats = rlhf_fast.ranking_loss(x, backend=backend, **kwargs)
         loss.backward()
         assert loss == 0 and int(stats.num_pairs) == 0 and stats.accuracy == 0 and stats.mean_margin == 0
@@ -281,6 +280,15 @@ def test_bad_input(args, kwargs, match):
 def test_pairwise_bad_input(chosen, rejected, margin, match):
     with pytest.raises(ValueError, match=match):
         rlhf_fast.pairwise_loss(chosen, rejected, margin=margin)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k", [0, 1])
+def test_fewer_than_two_answers_raise(backend, k):
+    """One answer per prompt (a (P, 1) reward head's output passed as rewards) forms no pair: an error
+    naming rewards, not a loss of 0 that trains nothing."""
+    with pytest.raises(ValueError, match=rf"rewards: expected at least 2 answers per prompt .*got shape \(3, {k}\)"):
+        rlhf_fast.ranking_loss(torch.randn(3, k), backend=backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -3,6 +3,12 @@
 // here; the SIMD kernels are csrc/cpu/kernels/ppo_losses_kernel.h (chosen per CPU capability by
 // csrc/cpu/dispatch.h), the per-token math rlhf_fast/ppo_losses_math.h. The schemas below are the
 // ones the CUDA kernels (csrc/cuda/ppo_losses.cu) implement too.
+//
+// Numerical safety: kl_penalty_capped_fwd and ppo_policy_loss_clamped_fwd take the value cap of the
+// KL estimate and the log-ratio clamp before exp as arguments. kl_penalty_fwd and
+// ppo_policy_loss_fwd are the schemas of the CUDA kernels, which compute the defaults of
+// rlhf_fast/ppo_losses_math.h (log-ratio clamp 20, k3 capped at 10); here they call the former with
+// those defaults.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,6 +18,7 @@
 #include "kernels/ppo_losses.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -20,6 +27,13 @@ namespace rlhf_fast::cpu {
 namespace {
 
 float clamp_arg(const std::optional<double>& clamp) { return clamp.has_value() ? float(*clamp) : 0.f; }
+
+// A cap or clamp argument: None (no cap), else a finite number > 0 (then as a float; 0 means none).
+float positive_or_none(const std::optional<double>& value, const char* name) {
+  RLHF_FAST_CHECK(!value.has_value() || (*value > 0 && std::isfinite(*value)), name,
+                  ": expected a finite number > 0 or None, got ", value.value_or(0));
+  return clamp_arg(value);
+}
 
 // num_items as a double, -1 when not given. A CPU tensor is read directly (no device sync involved).
 double num_items_value(const std::optional<at::Tensor>& num_items, int64_t num_items_int) {
@@ -61,23 +75,37 @@ LossOutputs allocate(const at::Tensor& like, int64_t n_stats, bool need_grad) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                                                      int64_t estimator, std::optional<double> clamp, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor> kl_penalty_capped_fwd_cpu(const at::Tensor& logprobs,
+                                                             const at::Tensor& ref_logprobs, int64_t estimator,
+                                                             std::optional<double> clamp, std::optional<double> cap,
+                                                             bool need_grad) {
   check_kl_penalty(logprobs, ref_logprobs, estimator, clamp);
+  const float cap_value = positive_or_none(cap, "cap");
   const auto opts = logprobs.options().dtype(at::kFloat);
   at::Tensor kl = at::empty(logprobs.sizes(), opts);
   at::Tensor dkl = need_grad ? at::empty(logprobs.sizes(), opts) : at::empty({0}, opts);
   if (kl.numel() == 0) return {kl, dkl};
-  kl_penalty_fwd_stub()()(logprobs, ref_logprobs, estimator, clamp_arg(clamp), kl, need_grad ? &dkl : nullptr);
+  kl_penalty_fwd_stub()()(logprobs, ref_logprobs, estimator, clamp_arg(clamp), cap_value, kl,
+                          need_grad ? &dkl : nullptr);
   return {kl, dkl};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(
+// The CUDA kernels' schema: the estimator's default cap (ppo::default_kl_cap).
+std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                                                      int64_t estimator, std::optional<double> clamp, bool need_grad) {
+  const float cap = ppo::default_kl_cap(int(estimator));
+  return kl_penalty_capped_fwd_cpu(logprobs, ref_logprobs, estimator, clamp,
+                                   cap > 0.f ? std::optional<double>(cap) : std::nullopt, need_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_clamped_fwd_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
-    double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, int64_t aggregation,
-    const std::optional<at::Tensor>& num_items, int64_t num_items_int, int64_t norm_length, bool need_grad) {
+    double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+    int64_t aggregation, const std::optional<at::Tensor>& num_items, int64_t num_items_int, int64_t norm_length,
+    bool need_grad) {
   check_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
                     num_items, norm_length);
+  const float clamp = positive_or_none(log_ratio_clamp, "log_ratio_clamp");
 
   const int64_t rows = logprobs.size(0), cols = logprobs.size(1);
   LossOutputs out = allocate(logprobs, ppo::kPolicyStats, need_grad);
@@ -86,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
   if (rows * per_row > 0) {
     // 1 - eps and 1 + eps rounded to fp32 the way the reference's ratio.clamp(1 - eps, 1 + eps) does
     ppo_policy_partials_stub()()(logprobs, old_logprobs, advantages, mask, float(1.0 - clip_eps_low),
-                                 float(1.0 + clip_eps_high), dual_clip.has_value() ? float(*dual_clip) : 0.f,
+                                 float(1.0 + clip_eps_high), dual_clip.has_value() ? float(*dual_clip) : 0.f, clamp,
                                  kPpoTile, partials.data(), need_grad ? out.token_grad.data_ptr<float>() : nullptr);
   }
 
@@ -111,6 +139,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_c
   ppo::policy_stats(sums[ppo::kPolCount], sums[ppo::kPolClipped], sums[ppo::kPolDual], sums[ppo::kPolK3],
                     sums[ppo::kPolRatio], sums[ppo::kPolRatioMin], sums[ppo::kPolRatioMax], out.stats.data_ptr<float>());
   return {out.loss, out.stats, out.token_grad, out.row_scale};
+}
+
+// The CUDA kernels' schema: the default log-ratio clamp (ppo::kDefaultLogRatioClamp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, int64_t aggregation,
+    const std::optional<at::Tensor>& num_items, int64_t num_items_int, int64_t norm_length, bool need_grad) {
+  return ppo_policy_loss_clamped_fwd_cpu(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high,
+                                         dual_clip, double(ppo::kDefaultLogRatioClamp), aggregation, num_items,
+                                         num_items_int, norm_length, need_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
@@ -154,11 +192,18 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
   // estimator 0..3 = k1, abs, k2, k3
   m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float? clamp, bool need_grad) "
         "-> (Tensor, Tensor)");
+  // the same with the cap of the value (None: no cap); kl_penalty_fwd uses the estimator's default
+  m.def("kl_penalty_capped_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float? clamp, float? cap, "
+        "bool need_grad) -> (Tensor, Tensor)");
   // (B, T) inputs -> (loss () fp32, stats (6,) fp32, token_grad (B, T) fp32 or (0,), row_scale (B,) fp32);
   // aggregation 0..3 as AGGREGATIONS; num_items tensor, else num_items_int (-1: none); norm_length -1: T
   m.def("ppo_policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
         "float clip_eps_low, float clip_eps_high, float? dual_clip, int aggregation, Tensor? num_items, "
         "int num_items_int, int norm_length, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // the same with the clamp of logprobs - old_logprobs before exp (None: none); ppo_policy_loss_fwd uses 20
+  m.def("ppo_policy_loss_clamped_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+        "float clip_eps_low, float clip_eps_high, float? dual_clip, float? log_ratio_clamp, int aggregation, "
+        "Tensor? num_items, int num_items_int, int norm_length, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // the same for value_loss, stats (2,)
   m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip_eps, "
         "int aggregation, Tensor? num_items, int num_items_int, int norm_length, bool need_grad) "
@@ -167,7 +212,9 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("kl_penalty_fwd", &kl_penalty_fwd_cpu);
+  m.impl("kl_penalty_capped_fwd", &kl_penalty_capped_fwd_cpu);
   m.impl("ppo_policy_loss_fwd", &ppo_policy_loss_fwd_cpu);
+  m.impl("ppo_policy_loss_clamped_fwd", &ppo_policy_loss_clamped_fwd_cpu);
   m.impl("value_loss_fwd", &value_loss_fwd_cpu);
 }
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rlhf_fast import _validation as V
 from rlhf_fast.backends import op_registry
+from rlhf_fast.ops import _numerics as N
 from rlhf_fast.reference import KL_ESTIMATORS, kl_penalty_backward_ref, kl_penalty_ref
 
 OP = op_registry("kl_penalty")
@@ -32,33 +33,40 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. forward(logprobs (R, C), ref_logprobs (R, C), estimator name, clamp or None, need_grad)
+# Backends. forward(logprobs (R, C), ref_logprobs (R, C), estimator name, clamp or None, cap or None, need_grad)
 # -> (kl (R, C) fp32 contiguous, dkl = dk/dx (R, C) fp32 contiguous, or (0,) without need_grad).
 # Inputs may have any strides and each its own float dtype. There is no backward: see _backward.
 # ---------------------------------------------------------------------------------------------
 
-def _torch_forward(logprobs, ref_logprobs, estimator, clamp, need_grad):
+def _torch_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
     with torch.no_grad():
-        kl = kl_penalty_ref(logprobs, ref_logprobs, estimator=estimator, clamp=clamp).contiguous()
+        kl = kl_penalty_ref(logprobs, ref_logprobs, estimator=estimator, clamp=clamp, cap=cap).contiguous()
         lp = logprobs.float()
-        dkl = (kl_penalty_backward_ref(torch.ones_like(lp), lp, ref_logprobs, estimator=estimator, clamp=clamp)
-               if need_grad else kl.new_empty((0,)))
+        dkl = (kl_penalty_backward_ref(torch.ones_like(lp), lp, ref_logprobs, estimator=estimator, clamp=clamp,
+                                       cap=cap) if need_grad else kl.new_empty((0,)))
         return kl, dkl.contiguous()
 
 
-def _native_forward(logprobs, ref_logprobs, estimator, clamp, need_grad):
+def _cpu_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
+    return torch.ops.rlhf_fast_C.kl_penalty_capped_fwd(logprobs, ref_logprobs, ESTIMATOR_CODES[estimator], clamp, cap,
+                                                       need_grad)
+
+
+def _cuda_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
+    # The CUDA kernels cap at the estimator's default (N.default_kl_cap), built in; the public
+    # function sends nothing else here.
     return torch.ops.rlhf_fast_C.kl_penalty_fwd(logprobs, ref_logprobs, ESTIMATOR_CODES[estimator], clamp, need_grad)
 
 
-def _triton_forward(logprobs, ref_logprobs, estimator, clamp, need_grad):
+def _triton_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
     from rlhf_fast.kernels import ppo_losses as K
 
-    return K.kl_penalty_fwd(logprobs, ref_logprobs, ESTIMATOR_CODES[estimator], clamp, need_grad)
+    return K.kl_penalty_fwd(logprobs, ref_logprobs, ESTIMATOR_CODES[estimator], clamp, cap, need_grad)
 
 
 OP.register("torch", _torch_forward)
-OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
+OP.register("cpu", _cpu_forward)
+OP.register("cuda", _cuda_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -68,16 +76,16 @@ OP.register("triton", _triton_forward)
 # ppo_policy_loss.py).
 # ---------------------------------------------------------------------------------------------
 
-# estimator (code of ESTIMATOR_CODES), clamp (0: none), need_grad (1 or 0: write dk/dx or not).
-PARAMS = ("estimator", "clamp", "need_grad")
+# estimator (code of ESTIMATOR_CODES), clamp (0: none), cap (0: none), need_grad (1 or 0: write dk/dx or not).
+PARAMS = ("estimator", "clamp", "cap", "need_grad")
 
 
 @torch.library.custom_op("rlhf_fast::kl_penalty", mutates_args=())
 def _kl_penalty_op(logprobs: Tensor, ref_logprobs: Tensor, params: list[float], backend: str
                    ) -> tuple[Tensor, Tensor]:
-    estimator, clamp, need_grad = params
+    estimator, clamp, cap, need_grad = params
     return OP.impl(backend).forward(logprobs, ref_logprobs, KL_ESTIMATORS[int(estimator)],
-                                    clamp if clamp > 0 else None, need_grad != 0)
+                                    clamp if clamp > 0 else None, cap if cap > 0 else None, need_grad != 0)
 
 
 @_kl_penalty_op.register_fake
@@ -120,19 +128,25 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1", clamp: float | None = None,
-               backend: str | None = None) -> Tensor:
+               cap: float | str | None = "default", backend: str | None = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from log-probs of the sampled tokens.
 
-    With ``x = logprobs - ref_logprobs`` (clamped to ``[-clamp, clamp]`` first when ``clamp`` is given):
+    With ``x = logprobs - ref_logprobs`` (clamped to ``[-clamp, clamp]`` first when ``clamp`` is given),
+    then the value clamped to ``[-cap, cap]`` (the cap; by default only k3's, at 10):
 
-    =========  ======================  ===================================================
-    estimator  value                   use
-    =========  ======================  ===================================================
-    ``"k1"``   ``x``                   unbiased, high variance (InstructGPT's reward penalty)
-    ``"abs"``  ``|x|``
-    ``"k2"``   ``x^2 / 2``             low variance, biased
-    ``"k3"``   ``exp(-x) - 1 + x``     unbiased and >= 0 (Schulman's k3; GRPO's KL loss)
-    =========  ======================  ===================================================
+    =========  ======================  =============  ======================================================
+    estimator  value                   default cap    use
+    =========  ======================  =============  ======================================================
+    ``"k1"``   ``x``                   none           unbiased, high variance (InstructGPT's reward penalty)
+    ``"abs"``  ``|x|``                 none
+    ``"k2"``   ``x^2 / 2``             none           low variance, biased
+    ``"k3"``   ``exp(-x) - 1 + x``     10             unbiased and >= 0 (Schulman's k3; GRPO's KL loss)
+    =========  ======================  =============  ======================================================
+
+    k3 grows like ``exp(-x)``: at ``x = -12`` it is 1.6e5 and past ``x = -88`` it is inf, so one token
+    whose policy log-prob fell far below the reference's can dominate a batch. The default caps it at
+    10 as verl does (``low_var_kl``); k1, abs and k2 grow at most quadratically and are not capped by
+    default (verl's choice too). OpenRLHF caps k1, k2 and k3 alike at 10: ``cap=10.0`` does that here.
 
     Args:
         logprobs: ``(...)`` float32, bfloat16 or float16 (float64 on the torch backend): log-probs
@@ -142,13 +156,19 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
         estimator: ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``.
         clamp: ``None`` or a finite number > 0; where ``|x| > clamp`` the value is taken at
             ``x = ±clamp`` and the gradient is 0.
+        cap: ``"default"`` (10 for k3, none for the others), ``None`` (no cap) or a finite number
+            ``k`` > 0 for every estimator: where ``|value| > k`` the value is ``±k`` and the gradient 0.
+            The cuda backend's kernels compute the default only; other values run on another backend
+            (explicitly asking for cuda raises).
         backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
             the best available for the device (see :mod:`rlhf_fast.backends`).
 
     Returns:
         ``kl`` float32 with the shape of ``logprobs``, computed in fp32 (k3 near ``x = 0`` by a series,
-        without cancellation). Finite for ``|x|`` up to about 88 (``exp`` of fp32), for any ``x`` with
-        a clamp. There is no mask: multiply or select the result as your loss or reward needs.
+        without cancellation). Finite for any finite ``x`` with a cap or a clamp (k3's default cap
+        included); without them k3 is finite for ``x`` above about -88 (``exp`` of fp32). There is no
+        mask: multiply or select the result as your loss or reward needs; an empty input gives an
+        empty result.
 
         When ``logprobs`` requires grad, the same pass also writes ``dk/dx`` (fp32, 4 bytes per token,
         kept for the backward, which multiplies it by the upstream gradient). Gradients are first
@@ -162,9 +182,12 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
         raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
     if clamp is not None:
         clamp = V.check_positive_float("clamp", clamp)
+    cap = N.resolve_kl_cap("cap", cap, estimator)
     lp, ref = _rows(logprobs), _rows(ref_logprobs)
     name = OP.select([lp, ref], backend)
+    name = N.avoid_fixed_cuda("kl_penalty", name, backend, "torch",
+                              N.cuda_reasons("kl_penalty", kl_cap=cap, estimator=estimator))
     need_grad = logprobs.requires_grad and torch.is_grad_enabled()
-    params = [float(ESTIMATOR_CODES[estimator]), clamp or 0.0, float(need_grad)]
+    params = [float(ESTIMATOR_CODES[estimator]), clamp or 0.0, cap or 0.0, float(need_grad)]
     kl, _ = _kl_penalty_op(lp, ref, params, name)
     return kl.view(logprobs.shape)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from rlhf_fast import _validation as V
 from rlhf_fast.backends import op_registry
+from rlhf_fast.ops import _numerics as N
 from rlhf_fast.ops._aggregation import check_aggregation, check_dual_clip, row_weights
 from rlhf_fast.reference import (
     KL_ESTIMATORS,
@@ -68,13 +69,14 @@ def block_rows(n_rows: int, vocab: int, backend: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Backends: forward(rows (R, H), weight (V, H), bias (V,) or None, labels (R,), row_weight (R,), old (R,),
 # adv (R,), ref (R,) or None, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
-# dual_clip, temperature, ignore_index, compute_grad, tile_rows)
+# dual_clip, temperature, ignore_index, compute_grad, tile_rows, log_ratio_clamp (0: none), kl_cap (0: none))
 #   -> (loss (), sums (13,) f64, grad_rows, grad_weight, grad_bias) (gradients (0,) without compute_grad
 #      or, for grad_bias, without a bias)
 # ---------------------------------------------------------------------------------------------
 
 def _torch_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator, entropy_coef,
-                   clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows):
+                   clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows, log_ratio_clamp,
+                   kl_cap):
     V.check_label_range(labels, weight.shape[0], ignore_index)
     valid = (labels != ignore_index) & (row_weight != 0)
     lab = torch.where(valid, labels, torch.full_like(labels, ignore_index))
@@ -84,11 +86,13 @@ def _torch_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_poli
     is_pol = torch.arange(rows.shape[0], device=rows.device) < n_policy
     pol, ptx = valid & is_pol, valid & ~is_pol
     terms = ppo_policy_loss_terms_ref(lp, old, adv, pol, clip_eps=clip_low, clip_eps_high=clip_high,
-                                      dual_clip=dual_clip if dual_clip > 0 else None)
+                                      dual_clip=dual_clip if dual_clip > 0 else None,
+                                      log_ratio_clamp=log_ratio_clamp if log_ratio_clamp > 0 else None)
     est = KL_ESTIMATORS[kl_estimator]
+    cap = kl_cap if kl_cap > 0 else None
     zero = torch.zeros_like(lp)
-    kl = torch.where(pol, kl_penalty_ref(lp, ref, estimator=est), zero) if ref is not None else zero
-    dkl = (torch.where(pol, kl_penalty_backward_ref(torch.ones_like(lp), lp, ref, estimator=est), zero)
+    kl = torch.where(pol, kl_penalty_ref(lp, ref, estimator=est, cap=cap), zero) if ref is not None else zero
+    dkl = (torch.where(pol, kl_penalty_backward_ref(torch.ones_like(lp), lp, ref, estimator=est, cap=cap), zero)
            if ref is not None else zero)
     w = row_weight.float()
     g_lp = torch.where(pol, w * (terms["grad"] + kl_coef * dkl), torch.where(ptx, -w, zero))
@@ -111,23 +115,30 @@ def _torch_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_poli
     return loss, sums, gh, gw, weight.new_empty((0,)) if gb is None else gb
 
 
-def _native_forward(*args):
-    return torch.ops.rlhf_fast_C.linear_ppo_loss_fwd(*args)
+def _cpu_forward(*args):
+    return torch.ops.rlhf_fast_C.linear_ppo_loss_clamped_fwd(*args)
+
+
+def _cuda_forward(*args):
+    # The CUDA kernels compute the default clamp and cap (N.LOG_RATIO_CLAMP, N.default_kl_cap), built
+    # in; the public function sends nothing else here.
+    return torch.ops.rlhf_fast_C.linear_ppo_loss_fwd(*args[:-2])
 
 
 def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator,
-                    entropy_coef, clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows):
+                    entropy_coef, clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows,
+                    log_ratio_clamp, kl_cap):
     from rlhf_fast.kernels import linear_ppo_loss as K
 
     V.check_label_range(labels, weight.shape[0], ignore_index)
     return K.linear_ppo_loss_fwd(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef,
                                  kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, temperature,
-                                 ignore_index, compute_grad)
+                                 ignore_index, compute_grad, log_ratio_clamp, kl_cap)
 
 
 OP.register("torch", _torch_forward)
-OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
+OP.register("cpu", _cpu_forward)
+OP.register("cuda", _cuda_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -139,17 +150,19 @@ OP.register("triton", _triton_forward)
 def _linear_ppo_loss_op(rows: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, row_weight: Tensor,
                         old: Tensor, adv: Tensor, ref: Tensor | None, n_policy: int, kl_coef: float,
                         kl_estimator: int, entropy_coef: float, clip_low: float, clip_high: float, dual_clip: float,
-                        temperature: float, ignore_index: int, compute_grad: bool, tile_rows: int, backend: str
+                        temperature: float, ignore_index: int, compute_grad: bool, tile_rows: int,
+                        log_ratio_clamp: float, kl_cap: float, backend: str
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, sums, gh, gw, gb = OP.impl(backend).forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy,
                                                       kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
-                                                      dual_clip, temperature, ignore_index, compute_grad, tile_rows)
+                                                      dual_clip, temperature, ignore_index, compute_grad, tile_rows,
+                                                      log_ratio_clamp, kl_cap)
     return loss.float(), sums.double(), gh, gw, gb
 
 
 @_linear_ppo_loss_op.register_fake
 def _(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low,
-      clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows, backend):
+      clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows, log_ratio_clamp, kl_cap, backend):
     gh = rows.new_empty(rows.shape) if compute_grad else rows.new_empty((0,))
     gw = weight.new_empty(weight.shape) if compute_grad else weight.new_empty((0,))
     gb = bias.new_empty(bias.shape) if compute_grad and bias is not None else weight.new_empty((0,))
@@ -169,12 +182,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _g_sums, _g_rows, _g_weight, _g_bias):
     grads = ctx.saved_tensors  # rows, weight, bias
     if grad_loss is None:
-        return (None,) * 20
+        return (None,) * 22
     if grads[0].numel() == 0 and grads[1].numel() == 0:
         raise RuntimeError("linear_ppo_loss: the forward ran without gradients (no input required grad)")
     if not ctx.has_bias:
         grads = (grads[0], grads[1], None)
-    nones = (None,) * 17
+    nones = (None,) * 19
     # (a plain CPU tensor: not while compile / AOT tracing, where the value is not known)
     if (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
             and float(grad_loss) == 1.0):
@@ -200,6 +213,7 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
                     aggregation: str = "token-mean", num_items=None, norm_length: int | None = None,
                     ptx_hidden: Tensor | None = None, ptx_labels: Tensor | None = None, ptx_coef: float = 0.0,
                     temperature: float = 1.0, ignore_index: int = -100, bias: Tensor | None = None,
+                    log_ratio_clamp: float | None = N.LOG_RATIO_CLAMP, kl_cap: float | str | None = "default",
                     backend: str | None = None):
     """The PPO-ptx loss of a batch straight from the lm_head, as one op.
 
@@ -217,6 +231,12 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
         temperature: divides the logits.
         bias: optional ``(V,)`` lm_head bias (logits ``hidden @ weight.T + bias``), weight's dtype;
             differentiable like weight.
+        log_ratio_clamp: the clamp of ``logprob - old_logprobs`` before ``exp``, default 20, ``None``
+            for none: as in :func:`rlhf_fast.ppo_policy_loss` (gradient 0 where it is active).
+        kl_cap: the cap of the KL term's value, as ``cap`` of :func:`rlhf_fast.kl_penalty`:
+            ``"default"`` (10 for k3, none for k1 / abs / k2), ``None`` or a number > 0.
+            The cuda backend computes the defaults of both only; other values run on another backend
+            (explicitly asking for cuda raises).
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, ptx_hidden and weight)
@@ -224,6 +244,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
         clip_frac, dual_clip_frac, approx_kl, ratio_mean/min/max (over valid tokens, as
         ppo_policy_loss), kl and entropy (means over valid tokens), ptx_loss (mean NLL).
         Equal to composing linear_logprobs with the separate losses, to fp32 rounding.
+        Without any valid token (mask all 0, or every label ignore_index) and no ptx token, the loss
+        is 0 with zero gradients and every statistic is 0 (``ptx_loss`` too without ptx tokens).
     """
     V.check_tensor("hidden", hidden, (torch.float32, torch.bfloat16, torch.float16))
     if hidden.dim() != 3:
@@ -252,6 +274,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
     clip_high = clip_low if clip_eps_high is None else V.check_positive_float("clip_eps_high", clip_eps_high)
     dual = 0.0 if dual_clip is None else check_dual_clip(dual_clip)
     check_aggregation(aggregation)
+    clamp = N.check_log_ratio_clamp(log_ratio_clamp)
+    cap = N.resolve_kl_cap("kl_cap", kl_cap, kl_estimator)
     temperature = V.check_positive_float("temperature", temperature)
     ignore_index = V.check_int("ignore_index", ignore_index)
 
@@ -285,12 +309,15 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
     rows = rows.contiguous()
     w = weight.contiguous()
     name = OP.select([rows, w], backend)
+    name = N.avoid_fixed_cuda("linear_ppo_loss", name, backend, "torch",
+                              N.cuda_reasons("linear_ppo_loss", clamp, cap, kl_estimator))
     tile_rows = block_rows(rows.shape[0], w.shape[0], name)
     bias = None if bias is None else bias.contiguous()
     loss, sums, *_ = _linear_ppo_loss_op(rows, w, bias, lab, row_weight.float().contiguous(), old.contiguous(),
                                          adv.contiguous(), None if ref is None else ref.contiguous(), n_policy,
                                          kl_coef, KL_ESTIMATORS.index(kl_estimator), entropy_coef, clip_low,
-                                         clip_high, dual, temperature, ignore_index, grads_wanted, tile_rows, name)
+                                         clip_high, dual, temperature, ignore_index, grads_wanted, tile_rows,
+                                         clamp or 0.0, cap or 0.0, name)
     s = dict(zip(SUMS, sums.float().unbind(), strict=True))
     count = s["count"].clamp_min(1)
     stats = {

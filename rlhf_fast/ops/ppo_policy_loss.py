@@ -29,6 +29,7 @@ from torch import Tensor
 from rlhf_fast import _validation as V
 from rlhf_fast.backends import op_registry
 from rlhf_fast.ops import _aggregation as A
+from rlhf_fast.ops import _numerics as N
 from rlhf_fast.reference import PPO_POLICY_STATS, ppo_policy_loss_terms_ref, ppo_policy_stats_ref
 
 OP = op_registry("ppo_policy_loss")
@@ -36,19 +37,20 @@ OP = op_registry("ppo_policy_loss")
 
 # ---------------------------------------------------------------------------------------------
 # Backends. forward(logprobs, old_logprobs, advantages, mask (B, T) each, clip_eps_low, clip_eps_high,
-# dual_clip or None, aggregation name, num_items tensor or None, num_items_int (-1: none),
+# dual_clip or None, log_ratio_clamp or None, aggregation name, num_items tensor or None, num_items_int (-1: none),
 # norm_length (-1: T), need_grad) -> (loss () fp32, stats (6,) fp32 in PPO_POLICY_STATS order,
 # token_grad (B, T) fp32 = m * dl/dlogprobs (or (0,) without need_grad), row_scale (B,) fp32 = w_b).
 # No backward: see _backward.
 # ---------------------------------------------------------------------------------------------
 
-def _torch_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
-                   num_items, num_items_int, norm_length, need_grad):
+def _torch_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp,
+                   aggregation, num_items, num_items_int, norm_length, need_grad):
     items = num_items if num_items is not None else (num_items_int if num_items_int >= 0 else None)
     norm = norm_length if norm_length > 0 else None
     with torch.no_grad():
         t = ppo_policy_loss_terms_ref(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps_low,
-                                      clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+                                      clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                                      log_ratio_clamp=log_ratio_clamp)
         loss = A.aggregate(t["loss"], mask, aggregation, items, norm)
         stats = torch.stack(list(ppo_policy_stats_ref(t).values()))
         token_grad = (torch.where(t["valid"], t["grad"] * t["m"], torch.zeros_like(t["grad"])) if need_grad
@@ -56,24 +58,34 @@ def _torch_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_
         return loss, stats, token_grad, A.row_weights(mask, aggregation, items, norm)
 
 
-def _native_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
-                    num_items, num_items_int, norm_length, need_grad):
+def _cpu_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp,
+                 aggregation, num_items, num_items_int, norm_length, need_grad):
+    return torch.ops.rlhf_fast_C.ppo_policy_loss_clamped_fwd(logprobs, old_logprobs, advantages, mask, clip_eps_low,
+                                                             clip_eps_high, dual_clip, log_ratio_clamp,
+                                                             A.AGG_CODES[aggregation], num_items, num_items_int,
+                                                             norm_length, need_grad)
+
+
+def _cuda_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp,
+                  aggregation, num_items, num_items_int, norm_length, need_grad):
+    # The CUDA kernels clamp at N.LOG_RATIO_CLAMP, built in; the public function sends nothing else here.
     return torch.ops.rlhf_fast_C.ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_eps_low,
                                                      clip_eps_high, dual_clip, A.AGG_CODES[aggregation], num_items,
                                                      num_items_int, norm_length, need_grad)
 
 
-def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
-                    num_items, num_items_int, norm_length, need_grad):
+def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp,
+                    aggregation, num_items, num_items_int, norm_length, need_grad):
     from rlhf_fast.kernels import ppo_losses as K
 
     return K.ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip,
-                                 A.AGG_CODES[aggregation], num_items, num_items_int, norm_length, need_grad)
+                                 log_ratio_clamp, A.AGG_CODES[aggregation], num_items, num_items_int, norm_length,
+                                 need_grad)
 
 
 OP.register("torch", _torch_forward)
-OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
+OP.register("cpu", _cpu_forward)
+OP.register("cuda", _cuda_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -86,24 +98,25 @@ OP.register("triton", _triton_forward)
 # more than the kernels take at (64, 2048); with 7 arguments the op's fwd+bwd overhead is ~24 us lower.
 # ---------------------------------------------------------------------------------------------
 
-# clip_eps_low, clip_eps_high, dual_clip (0: none), aggregation (code of _aggregation.AGG_CODES),
-# num_items as a number (-1: none, or given as the num_items tensor), norm_length (-1: T),
-# need_grad (1 or 0; without it no per-token gradient is written).
-PARAMS = ("clip_eps_low", "clip_eps_high", "dual_clip", "aggregation", "num_items", "norm_length", "need_grad")
+# clip_eps_low, clip_eps_high, dual_clip (0: none), log_ratio_clamp (0: none), aggregation (code of
+# _aggregation.AGG_CODES), num_items as a number (-1: none, or given as the num_items tensor),
+# norm_length (-1: T), need_grad (1 or 0; without it no per-token gradient is written).
+PARAMS = ("clip_eps_low", "clip_eps_high", "dual_clip", "log_ratio_clamp", "aggregation", "num_items", "norm_length",
+          "need_grad")
 
 
 def _unpack(params):
-    eps_low, eps_high, dual, agg, items, norm, need_grad = params
-    return (eps_low, eps_high, dual if dual > 0 else None, A.AGGREGATIONS[int(agg)], int(items), int(norm),
-            need_grad != 0)
+    eps_low, eps_high, dual, clamp, agg, items, norm, need_grad = params
+    return (eps_low, eps_high, dual if dual > 0 else None, clamp if clamp > 0 else None, A.AGGREGATIONS[int(agg)],
+            int(items), int(norm), need_grad != 0)
 
 
 @torch.library.custom_op("rlhf_fast::ppo_policy_loss", mutates_args=())
 def _ppo_policy_loss_op(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                         num_items: Tensor | None, params: list[float], backend: str
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    eps_low, eps_high, dual, agg, items, norm, need_grad = _unpack(params)
-    return OP.impl(backend).forward(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual, agg,
+    eps_low, eps_high, dual, clamp, agg, items, norm, need_grad = _unpack(params)
+    return OP.impl(backend).forward(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual, clamp, agg,
                                     num_items, items, norm, need_grad)
 
 
@@ -122,16 +135,19 @@ A.register_loss_autograd(_ppo_policy_loss_op)
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                     clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float | None = None,
                     aggregation: str = "token-mean", num_items: int | Tensor | None = None,
-                    norm_length: int | None = None, backend: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                    norm_length: int | None = None, log_ratio_clamp: float | None = N.LOG_RATIO_CLAMP,
+                    backend: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped-ratio policy loss, aggregated over the valid tokens, and its statistics.
 
-    Per valid token, with ``r = exp(logprobs - old_logprobs)`` and ``A = advantages``::
+    Per valid token, with ``d = clamp(logprobs - old_logprobs, -c, c)`` (``c = log_ratio_clamp``),
+    ``r = exp(d)`` and ``A = advantages``::
 
         l = max(-A * r, -A * clip(r, 1 - clip_eps, 1 + clip_eps_high))
         dual clip c (for A < 0):  l = min(l, -A * c)
 
     then ``loss = aggregate(l, mask)`` (see ``aggregation``). The gradient flows to ``logprobs`` only:
-    ``-A * r * w`` where neither clip is active, 0 where one is.
+    ``-A * r * w`` where neither clip is active, 0 where one is, and 0 where the log-ratio clamp is
+    (``|logprobs - old_logprobs| > c``: the ratio is constant there).
 
     Args:
         logprobs: ``(B, T)`` float32, bfloat16 or float16 (float64 on the torch backend): log-probs of the
@@ -161,6 +177,11 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
             seq-mean-token-mean, of sequences with at least one valid token). The losses of micro-batches
             then sum to the loss of the whole batch, gradients included.
         norm_length: ``L`` of seq-mean-token-sum-norm (a fixed generation budget), default ``T``.
+        log_ratio_clamp: ``c`` > 0, default 20 (as verl and OpenRLHF): the log-ratio is clamped to
+            ``[-c, c]`` before ``exp``, so one stale or broken token cannot make the loss ~1e10 (at a
+            log-ratio of 25 with ``A = -1``: 4.85e8 instead of 7.2e10). ``None``: no clamp (``exp``
+            overflows to inf past a log-ratio of about 88). The cuda backend's kernels compute the
+            default only; other values run on another backend (explicitly asking for cuda raises).
         backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or the best
             available for the device (see :mod:`rlhf_fast.backends`).
 
@@ -171,13 +192,15 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         - ``clip_frac``: fraction of tokens where the clipped branch is the active one
           (``-A * clip(r) > -A * r``; its gradient is 0)
         - ``dual_clip_frac``: fraction where ``A < 0`` and the dual clip is active (0 without dual_clip)
-        - ``approx_kl``: mean of ``k3 = r - 1 - log r`` with ``log r = logprobs - old_logprobs``, Schulman's
+        - ``approx_kl``: mean of ``k3 = r - 1 - log r`` with ``log r = d`` (the clamped log-ratio), Schulman's
           k3 estimate of KL(pi_old || pi) (``x = old - new`` in :func:`rlhf_fast.kl_penalty`'s k3)
         - ``ratio_mean``, ``ratio_min``, ``ratio_max``: of ``r`` (min and max over tokens with ``m != 0``)
 
         Statistics are local to this call (num_items does not rescale them). Without any valid token
-        (fully masked rows or batch) the loss is 0 with a zero gradient and every statistic is 0.
-        Everything is computed in fp32 and finite for log-ratios up to about ±88.
+        (fully masked rows or batch) the loss is 0 with a zero gradient and every statistic is 0: check
+        ``mask.any()`` if that must not happen. Everything is computed in fp32; with the clamp the loss,
+        statistics and gradient are finite for any finite log-ratio (``|A|`` below ~1e29), without it
+        for log-ratios up to about ±88.
 
         When ``logprobs`` requires grad, the forward pass also writes the per-token gradient (fp32,
         4 bytes per token, kept for the backward, which only scales it). Gradients are first order
@@ -188,12 +211,15 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     eps_high = eps_low if clip_eps_high is None else V.check_positive_float("clip_eps_high", clip_eps_high)
     if dual_clip is not None:
         dual_clip = A.check_dual_clip(dual_clip)
+    clamp = N.check_log_ratio_clamp(log_ratio_clamp)
     agg = A.check_aggregation(aggregation)
     items, items_int = A.check_num_items(num_items, logprobs)
     norm = A.check_norm_length(norm_length)
 
     need_grad = logprobs.requires_grad and torch.is_grad_enabled()
     name = OP.select([logprobs, old_logprobs, advantages, mask], backend)
-    params = [eps_low, eps_high, dual_clip or 0.0, float(agg), float(items_int), float(norm), float(need_grad)]
+    name = N.avoid_fixed_cuda("ppo_policy_loss", name, backend, "torch", N.cuda_reasons("ppo_policy_loss", clamp))
+    params = [eps_low, eps_high, dual_clip or 0.0, clamp or 0.0, float(agg), float(items_int), float(norm),
+              float(need_grad)]
     loss, stats, _, _ = _ppo_policy_loss_op(logprobs, old_logprobs, advantages, mask, items, params, name)
     return loss, dict(zip(PPO_POLICY_STATS, stats.unbind(0), strict=True))

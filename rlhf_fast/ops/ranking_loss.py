@@ -41,6 +41,9 @@ def check_ranking_values(rewards: Tensor, num_candidates: Tensor | None, ranks: 
     """num_candidates in [0, K]; ranks of the candidates in use in [0, n_p) (one sync). The CPU kernel
     runs the same checks inside its pass, with the same messages."""
     n_prompts, k = rewards.shape
+    if k < 2:
+        raise ValueError(f"rewards: expected at least 2 answers per prompt (shape (P, K) with K >= 2) to form "
+                         f"a ranked pair, got shape {tuple(rewards.shape)}")
     if num_candidates is not None:
         bad = (num_candidates < 0) | (num_candidates > k)
         if bool(bad.any()):
@@ -221,8 +224,10 @@ def ranking_loss(rewards: Tensor, *, num_candidates: Tensor | None = None, ranks
                (mean over the prompt's ranked pairs (w above l) of -log sigmoid(r_w - r_l - margin))
 
     computed in fp32 with a stable softplus (finite loss and gradient for rewards of any finite
-    magnitude). Prompts without a ranked pair (K < 2, all ties) are left out of the mean; if no prompt
-    has one, the loss is 0 with a zero gradient.
+    magnitude). K < 2 (one answer per prompt: no pair at all) raises ValueError. Prompts without a
+    ranked pair (``num_candidates < 2``, all ties) are left out of the mean; if no prompt of the batch
+    has one (or P = 0), the loss is 0 with a zero gradient and ``stats.num_pairs`` is 0: check it when
+    such a batch must not happen (the kernels do not sync the host to look).
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-dim float32 tensor, differentiable w.r.t. ``rewards`` (the
@@ -233,6 +238,9 @@ def ranking_loss(rewards: Tensor, *, num_candidates: Tensor | None = None, ranks
     if rewards.dim() != 2:
         raise ValueError(f"rewards: expected a 2-D (P, K) tensor, got shape {tuple(rewards.shape)}")
     n_prompts, k = rewards.shape
+    if k < 2:
+        raise ValueError(f"rewards: expected at least 2 answers per prompt (shape (P, K) with K >= 2) to form "
+                         f"a ranked pair, got shape {tuple(rewards.shape)}")
     if num_candidates is not None:
         V.check_tensor("num_candidates", num_candidates, (torch.int32, torch.int64))
         V.check_same_device("num_candidates", num_candidates, "rewards", rewards)
@@ -261,7 +269,8 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor, *, margin: float | Tensor | 
 
     Returns:
         ``(loss, stats)`` as :func:`ranking_loss`; gradients flow to ``chosen`` and ``rejected`` in
-        their dtypes. An empty batch gives loss 0.
+        their dtypes. Every element is one pair (K = 2 answers), so there is always a pair unless the
+        batch is empty; an empty batch gives loss 0 with ``stats.num_pairs`` 0.
     """
     _check_float_tensor("chosen", chosen)
     _check_float_tensor("rejected", rejected)

@@ -15,17 +15,18 @@ constexpr int64_t kPpoTile = 4096;
 
 // logprobs, ref_logprobs (R, C), any strides, any float dtype each; writes kl (R, C) fp32 contiguous
 // and, when dkl is non-null, the derivative dk/dx (R, C) fp32 contiguous. estimator:
-// rlhf_fast::ppo::Estimator; clamp <= 0: none.
+// rlhf_fast::ppo::Estimator; clamp (of x) <= 0: none; cap (of the value) <= 0: none.
 using KlPenaltyFwdFn = void (*)(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t estimator,
-                                float clamp, at::Tensor& kl, at::Tensor* dkl);
+                                float clamp, float cap, at::Tensor& kl, at::Tensor* dkl);
 // The per-token pass of ppo_policy_loss over (B, T) inputs (unit stride along T, any float dtype
 // each; mask bool or float), cut into tiles of `tile` columns of one row: writes kPolicyPartials
 // floats per tile to `partials` (tile-major, row by row) and, when token_grad is non-null, the
 // unweighted per-token gradient m * dl/dlogprobs to token_grad (B, T) fp32 contiguous.
+// log_ratio_clamp <= 0: none.
 using PpoPolicyPartialsFn = void (*)(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                                      const at::Tensor& advantages, const at::Tensor& mask, float ratio_low,
-                                     float ratio_high, float dual_clip, int64_t tile, float* partials,
-                                     float* token_grad);
+                                     float ratio_high, float dual_clip, float log_ratio_clamp, int64_t tile,
+                                     float* partials, float* token_grad);
 // The same for value_loss: kValuePartials floats per tile, token_grad = m * dl/dvalues.
 using ValuePartialsFn = void (*)(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
                                  const at::Tensor& mask, float clip_eps, int64_t tile, float* partials,

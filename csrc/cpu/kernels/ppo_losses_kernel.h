@@ -178,8 +178,8 @@ inline float lane_max(const Vec& v) {
 // kl_penalty
 
 template <int kEstimator>
-void kl_penalty_fwd_impl(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, float clamp, at::Tensor& kl,
-                         at::Tensor* dkl) {
+void kl_penalty_fwd_impl(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, float clamp, float cap,
+                         at::Tensor& kl, at::Tensor* dkl) {
   const Rows lp(logprobs), ref(ref_logprobs);
   const Tiling tiles(logprobs.size(0), logprobs.size(1), kTile);
   float* out = kl.data_ptr<float>();
@@ -197,7 +197,7 @@ void kl_penalty_fwd_impl(const at::Tensor& logprobs, const at::Tensor& ref_logpr
         for (int64_t k = 0; k < n; k += Vec::size()) {
           const int count = int(std::min<int64_t>(Vec::size(), n - k));
           Vec v, dv;
-          ppo::kl_token<PpoVecOps, kEstimator>(Vec::loadu(a + k) - Vec::loadu(b + k), clamp, v, dv);
+          ppo::kl_token<PpoVecOps, kEstimator>(Vec::loadu(a + k) - Vec::loadu(b + k), clamp, v, dv, cap);
           v.store(out + at + k, count);
           if (out_d != nullptr) dv.store(out_d + at + k, count);
         }
@@ -227,9 +227,9 @@ void dispatch_estimator(int64_t estimator, const Fn& fn) {
 }
 
 inline void kl_penalty_fwd_kernel(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t estimator,
-                                  float clamp, at::Tensor& kl, at::Tensor* dkl) {
+                                  float clamp, float cap, at::Tensor& kl, at::Tensor* dkl) {
   dispatch_estimator(estimator, [&](auto est) {
-    kl_penalty_fwd_impl<decltype(est)::value>(logprobs, ref_logprobs, clamp, kl, dkl);
+    kl_penalty_fwd_impl<decltype(est)::value>(logprobs, ref_logprobs, clamp, cap, kl, dkl);
   });
 }
 
@@ -238,8 +238,8 @@ inline void kl_penalty_fwd_kernel(const at::Tensor& logprobs, const at::Tensor& 
 
 inline void ppo_policy_partials_kernel(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                                        const at::Tensor& advantages, const at::Tensor& mask, float ratio_low,
-                                       float ratio_high, float dual_clip, int64_t tile_len, float* partials,
-                                       float* token_grad) {
+                                       float ratio_high, float dual_clip, float log_ratio_clamp, int64_t tile_len,
+                                       float* partials, float* token_grad) {
   const Rows lp(logprobs), old(old_logprobs), adv(advantages), msk(mask);
   const Tiling tiles(logprobs.size(0), logprobs.size(1), tile_len);
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -265,7 +265,7 @@ inline void ppo_policy_partials_kernel(const at::Tensor& logprobs, const at::Ten
           const auto t = ppo::policy_token<PpoVecOps>(Vec::blendv(zero, Vec::loadu(pl + k), valid),
                                                       Vec::blendv(zero, Vec::loadu(po + k), valid),
                                                       Vec::blendv(zero, Vec::loadu(pa + k), valid), ratio_low,
-                                                      ratio_high, dual_clip);
+                                                      ratio_high, dual_clip, log_ratio_clamp);
           s_loss = at::vec::fmadd(m, t.loss, s_loss);
           s_count = s_count + m;
           s_clipped = at::vec::fmadd(m, t.clipped, s_clipped);

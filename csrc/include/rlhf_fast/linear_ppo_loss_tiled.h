@@ -62,6 +62,8 @@ struct RowParams {
   float lo, hi;         // 1 - clip_low, 1 + clip_high
   float dual_c;         // <= 0: no dual clip
   bool has_ref;         // the KL term is computed only with reference log-probs
+  float log_ratio_clamp = ppo::kDefaultLogRatioClamp;  // of logprob - old before exp; <= 0: none
+  float kl_cap = 0.f;   // cap of the KL value; <= 0: none
 };
 
 // One row block's per-row arrays: pointers on the tile's device, offset to the block's first row.
@@ -108,9 +110,10 @@ RLHF_FAST_HD void row_step(const BlockRows& b, int64_t i, const RowParams& p, do
   b.entropy[i] = h;
   const float w = b.weight[i];
   if (b.index[i] < p.n_policy) {
-    const auto tok = ppo::policy_token<ppo::ScalarOps>(lp, b.old[i], b.adv[i], p.lo, p.hi, p.dual_c);
+    const auto tok = ppo::policy_token<ppo::ScalarOps>(lp, b.old[i], b.adv[i], p.lo, p.hi, p.dual_c,
+                                                       p.log_ratio_clamp);
     float kl = 0.f, dkl = 0.f;
-    if (p.has_ref) ppo::kl_token<ppo::ScalarOps, kEstimator>(lp - b.ref[i], 0.f, kl, dkl);
+    if (p.has_ref) ppo::kl_token<ppo::ScalarOps, kEstimator>(lp - b.ref[i], 0.f, kl, dkl, p.kl_cap);
     acc[kLoss] += double(w) * (tok.loss + p.kl_coef * kl - p.entropy_coef * h);
     acc[kPolicyLoss] += double(w) * tok.loss;
     acc[kCount] += 1;
@@ -155,14 +158,18 @@ int64_t chunk_cols(int64_t vocab, bool widen) {
   }
 }
 
-// rlhf_fast_C::linear_ppo_loss_fwd (schema in csrc/cpu/linear_ppo_loss.cpp) on the policy's device.
+// rlhf_fast_C::linear_ppo_loss_clamped_fwd (schema in csrc/cpu/linear_ppo_loss.cpp) on the policy's
+// device. log_ratio_clamp <= 0: no clamp of logprob - old before exp; kl_cap == 0: no cap of the KL
+// value, < 0: the estimator's default (ppo::default_kl_cap). The defaults are what the CUDA entry
+// point (linear_ppo_loss_fwd, which has no such arguments) computes.
 template <typename Tiles>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
     const at::Tensor& row_weight, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const std::optional<at::Tensor>& ref_logprobs, int64_t n_policy, double kl_coef, int64_t kl_estimator,
     double entropy_coef, double clip_low, double clip_high, double dual_clip, double temperature, int64_t ignore_index,
-    bool compute_grad, int64_t tile_rows) {
+    bool compute_grad, int64_t tile_rows, double log_ratio_clamp = ppo::kDefaultLogRatioClamp,
+    double kl_cap = -1.0) {
   RLHF_FAST_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden: expected a contiguous (R, H) tensor");
   RLHF_FAST_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == hidden.size(1),
                   "weight: expected a contiguous (V, H) tensor with H = ", hidden.size(1), ", got ", weight.sizes());
@@ -219,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     at::Tensor gh32 = compute_grad ? at::zeros({na, hidden.size(1)}, f32) : at::Tensor();
     const float inv_temp = float(1.0 / temperature);
     const RowParams params{n_policy, kl_coef, entropy_coef, float(1.0 - clip_low), float(1.0 + clip_high),
-                           float(dual_clip), has_ref};
+                           float(dual_clip), has_ref, float(log_ratio_clamp),
+                           kl_cap < 0 ? ppo::default_kl_cap(int(kl_estimator)) : float(kl_cap)};
     double* sums_ptr = sums.data_ptr<double>();
     for (int64_t r0 = 0; r0 < na; r0 += block) {
       const int64_t nr = std::min(block, na - r0);

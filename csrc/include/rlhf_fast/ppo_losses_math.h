@@ -14,12 +14,17 @@
 //   k2 = x^2 / 2    d/dx = x
 //   k3 = e^-x - 1 + x  (computed as expm1(-x) + x, by a series near 0)   d/dx = 1 - e^-x
 //   and d/dx = 0 where the clamp is active (|x| > c).
+//   Then the value cap k (kl_token's `cap`, <= 0: none): kl = clamp(kl, -k, k), d/dx = 0 where it is
+//   active (|kl| > k). Default: k = 10 for k3 (verl's low_var_kl), no cap for k1 / abs / k2
+//   (default_kl_cap); an exploding k3 (e^-x of a very negative x, inf past x = -88) becomes k.
 //
-// ppo_policy_loss, per valid token: d = logprobs - old, r = e^d, A = advantage,
+// ppo_policy_loss, per valid token: d = clamp(logprobs - old, -c, c) with the log-ratio clamp c
+// (default 20, as verl and OpenRLHF clamp before exp; <= 0: none), r = e^d, A = advantage,
 //   l1 = -A r,  l2 = -A clip(r, 1 - eps_low, 1 + eps_high),  l = max(l1, l2),  clipped = l2 > l1
 //   dual clip c > 1, for A < 0: l = min(l, -A c),  dual_clipped = A < 0 and l > -A c
-//   dl/d logprobs = -A r unless clipped or dual_clipped (then 0)
-//   k3 = e^d - 1 - d: the k3 estimate of KL(old || new) (x = old - new in the k3 above)
+//   dl/d logprobs = -A r unless clipped or dual_clipped or the log-ratio clamp is active (|d| > c),
+//   then 0
+//   k3 = e^d - 1 - d (of the clamped d): the k3 estimate of KL(old || new) (x = old - new in the k3 above)
 //
 // value_loss, per valid token: v_c = clip(v, v_old - eps, v_old + eps),
 //   l = 0.5 max((v - R)^2, (v_c - R)^2),  clipped = (v_c - R)^2 > (v - R)^2,
@@ -44,6 +49,14 @@ namespace ppo {
 
 // KL estimators (the order of KL_ESTIMATORS in rlhf_fast/reference.py).
 enum Estimator : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+// Defaults of the numerical safety clamps (LOG_RATIO_CLAMP and K3_CAP in rlhf_fast/ops/_numerics.py).
+// The CUDA kernels (csrc/cuda/ppo_losses.cu, linear_ppo_loss.cu) call policy_token and kl_token
+// without these arguments and so always compute the defaults; the CPU kernels pass the caller's.
+constexpr float kDefaultLogRatioClamp = 20.f;
+constexpr float kDefaultK3Cap = 10.f;
+// The default cap of an estimator's value: kDefaultK3Cap for k3, none (0) for the others.
+RLHF_FAST_HD constexpr float default_kl_cap(int estimator) { return estimator == kK3 ? kDefaultK3Cap : 0.f; }
+
 // Aggregation modes (the order of AGGREGATIONS in rlhf_fast/ops/_aggregation.py).
 enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
 
@@ -119,9 +132,9 @@ RLHF_FAST_HD void exp_parts(F y, F& e, F& em1, F& em1_minus_y) {
 
 // The estimate `kl` and its derivative `dkl` w.r.t. logprobs at x = logprobs - ref_logprobs, for
 // estimator kEstimator (a template parameter: kernels choose it once, outside their loops).
-// clamp <= 0 means no clamp.
+// clamp <= 0 means no clamp of x; cap <= 0 means no cap of the value.
 template <class Ops, int kEstimator, class F>
-RLHF_FAST_HD void kl_token(F x, float clamp, F& kl, F& dkl) {
+RLHF_FAST_HD void kl_token(F x, float clamp, F& kl, F& dkl, float cap = default_kl_cap(kEstimator)) {
   using M = typename Ops::M;
   const F zero = Ops::splat(0.f), one = Ops::splat(1.f);
   M active{};
@@ -147,6 +160,12 @@ RLHF_FAST_HD void kl_token(F x, float clamp, F& kl, F& dkl) {
     dkl = zero - em1;
   }
   if (clamp > 0.f) dkl = Ops::select(active, zero, dkl);
+  if (cap > 0.f) {
+    const F k = Ops::splat(cap);
+    const auto above = Ops::gt(kl, k), below = Ops::lt(kl, zero - k);  // false for NaN, which propagates
+    kl = Ops::select(above, k, Ops::select(below, zero - k, kl));
+    dkl = Ops::select(Ops::either(above, below), zero, dkl);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,12 +181,20 @@ struct PolicyToken {
   F ratio;    // e^d
 };
 
-// One (valid) token. lo = 1 - eps_low, hi = 1 + eps_high; dual_c <= 0 means no dual clip.
+// One (valid) token. lo = 1 - eps_low, hi = 1 + eps_high; dual_c <= 0 means no dual clip;
+// log_ratio_clamp <= 0 means no clamp of d before exp.
 template <class Ops, class F>
-RLHF_FAST_HD PolicyToken<F> policy_token(F logprob, F old_logprob, F adv, float lo, float hi, float dual_c) {
+RLHF_FAST_HD PolicyToken<F> policy_token(F logprob, F old_logprob, F adv, float lo, float hi, float dual_c,
+                                         float log_ratio_clamp = kDefaultLogRatioClamp) {
   using M = typename Ops::M;
   const F zero = Ops::splat(0.f), one = Ops::splat(1.f);
-  const F d = logprob - old_logprob;
+  F d = logprob - old_logprob;
+  M clamped{};
+  if (log_ratio_clamp > 0.f) {
+    const F c = Ops::splat(log_ratio_clamp);
+    clamped = Ops::gt(Ops::abs(d), c);  // false for NaN, which propagates
+    d = Ops::select(Ops::gt(d, c), c, Ops::select(Ops::lt(d, zero - c), zero - c, d));
+  }
   F r, em1, k3;
   exp_parts<Ops>(d, r, em1, k3);
   const F neg_adv = zero - adv;
@@ -176,6 +203,7 @@ RLHF_FAST_HD PolicyToken<F> policy_token(F logprob, F old_logprob, F adv, float 
   const M clipped = Ops::gt(l2, l1);
   F loss = Ops::max(l1, l2);
   F grad = Ops::select(clipped, zero, l1);  // d(-A e^d)/dd = -A e^d = l1
+  if (log_ratio_clamp > 0.f) grad = Ops::select(clamped, zero, grad);  // d is constant outside [-c, c]
   F dual = zero;
   if (dual_c > 0.f) {
     const F l3 = neg_adv * Ops::splat(dual_c);

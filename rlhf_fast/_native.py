@@ -25,11 +25,11 @@ def has_native_kernel(op: str, dispatch_key: str) -> bool:
 
 # Fixed once _C is loaded; computed here so that backend selection, which torch.compile traces,
 # never calls into the dispatcher.
-_BUILT_WITH_CUDA = has_native_kernel("gather_logprobs_fwd", "CUDA")
+_BUILT_WITH_CUDA = has_native_kernel("ranking_loss_fwd", "CUDA")
 
 
 def built_with_cuda() -> bool:
-    """Whether rlhf_fast._C was built with its CUDA kernels (the foundation op tells)."""
+    """Whether rlhf_fast._C was built with its CUDA kernels (csrc/cuda: ranking_loss's tells)."""
     return _BUILT_WITH_CUDA
 
 

@@ -2,9 +2,9 @@
 
 Flow: public function (validates, views the inputs as rows) -> custom op ``rlhf_fast::kl_penalty``
 (fake impl + registered autograd, so it traces under torch.compile and passes opcheck) -> the
-backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/ppo_losses.cpp), cuda
-(csrc/cuda/ppo_losses.cu), triton (kernels/ppo_losses.py). The math is in
-csrc/include/rlhf_fast/ppo_losses_math.h (shared by the CPU and CUDA kernels).
+backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/ppo_losses.cpp),
+triton (kernels/ppo_losses.py). The math is in
+csrc/include/rlhf_fast/ppo_losses_math.h (the CPU kernels' math).
 
 Cost model, (B, T) inputs of b bytes each: the eager reference reads both inputs, upcasts, subtracts
 and applies the estimator in 2-6 ATen kernels (each a full pass writing an fp32 (B, T) temporary),
@@ -58,7 +58,6 @@ def _triton_forward(logprobs, ref_logprobs, estimator, clamp, need_grad):
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -142,7 +141,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
         estimator: ``"k1"``, ``"abs"``, ``"k2"`` or ``"k3"``.
         clamp: ``None`` or a finite number > 0; where ``|x| > clamp`` the value is taken at
             ``x = ±clamp`` and the gradient is 0.
-        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
             the best available for the device (see :mod:`rlhf_fast.backends`).
 
     Returns:

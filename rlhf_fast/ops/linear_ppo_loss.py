@@ -8,12 +8,12 @@ Flow: public function (validates, builds per-row weights from the aggregation) -
 backward only scales those gradients by the upstream gradient) -> backend:
   torch   composition of the references; materializes the (N, V) logits (the eager baseline)
   cpu     csrc/cpu/linear_ppo_loss.cpp     } the tiled host algorithm of
-  cuda    csrc/cuda/linear_ppo_loss.cu     } csrc/include/rlhf_fast/linear_ppo_loss_tiled.h
+                                           } csrc/include/rlhf_fast/linear_ppo_loss_tiled.h
   triton  kernels/linear_ppo_loss.py: the Triton kernels of linear_logprobs (forward, then backward
           with the per-token gradients), the loss step in PyTorch element-wise ops
 
-Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu and
-cuda backends process rows in blocks spanning the vocabulary (one (rows x V) fp32 buffer of at most
+Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu
+backend processes rows in blocks spanning the vocabulary (one (rows x V) fp32 buffer of at most
 a quarter of the rows, see block_rows): per vocabulary chunk one GEMM for the logits and the fold; the per-token
 loss and gradient; then per chunk the gradient transform and two GEMMs into grad_hidden and
 grad_weight — 3 GEMMs per token instead of the 4 of linear_logprobs (forward + backward, which must
@@ -127,7 +127,6 @@ def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_pol
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
 OP.register("triton", _triton_forward)
 
 

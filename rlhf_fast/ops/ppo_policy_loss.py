@@ -3,7 +3,7 @@ statistics, in one pass.
 
 Flow: public function (validates) -> custom op ``rlhf_fast::ppo_policy_loss`` (fake impl +
 registered autograd) -> the backend chosen by rlhf_fast.backends: torch (reference.py), cpu
-(csrc/cpu/ppo_losses.cpp), cuda (csrc/cuda/ppo_losses.cu), triton (kernels/ppo_losses.py). Per-token
+(csrc/cpu/ppo_losses.cpp), triton (kernels/ppo_losses.py). Per-token
 math: csrc/include/rlhf_fast/ppo_losses_math.h; aggregation modes: rlhf_fast/ops/_aggregation.py.
 
 The op boundary is the whole loss: one custom op returns the scalar loss, the statistics as one small
@@ -73,7 +73,6 @@ def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -161,7 +160,7 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
             seq-mean-token-mean, of sequences with at least one valid token). The losses of micro-batches
             then sum to the loss of the whole batch, gradients included.
         norm_length: ``L`` of seq-mean-token-sum-norm (a fixed generation budget), default ``T``.
-        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or the best
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or the best
             available for the device (see :mod:`rlhf_fast.backends`).
 
     Returns:

@@ -223,9 +223,9 @@ Resource usage:
 @pytest.mark.skipif(_inspect.cuobjdump_path() is None, reason="no cuobjdump (triton wheel or CUDA toolkit)")
 def test_inspect_json_for_one_kernel():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._inspect_cli", "--json", "--no-cuda", "--arch", "90",
-                           "--kernels", "^ranking_loss_finalize"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._inspect_cli", "--json", "--no-cuda",
+                           "--arch", "90", "--kernels", "^ranking_loss_finalize"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert set(report) >= {"triton", "cuda", "cuda_note", "summary", "kernel_estimates", "op_estimates", "failures"}

@@ -1,7 +1,7 @@
 """Compile-only check of the CUDA kernels with nvcc: no GPU needed, skipped without nvcc.
 
-Every csrc/cuda/*.cu (today ranking_loss.cu alone) is compiled once (`nvcc -c`, no link) for sm_80 and sm_90 with the flags
-setup.py's CUDAExtension uses, and ptxas's report (`-Xptxas -v`) is read: every kernel of every
+Every csrc/cuda/*.cu (today ranking_loss.cu alone) is compiled once (`nvcc -c`, no link) for sm_80
+and sm_90 with the flags setup.py's CUDAExtension uses, and ptxas's report (`-Xptxas -v`) is read: every kernel of every
 file must build for every arch without register spills, and the kernels listed in KERNELS must be
 there for every dtype. Run with `-s` to see the nvcc command
 and the registers per kernel.

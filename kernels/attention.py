@@ -14,7 +14,7 @@ FLOPs and, here, the key blocks visited):
             4 T S D FLOPs forward, 10 T S D backward (5 GEMMs: S, dV, dP, dK, dQ), compute-bound.
 
 Segments. Every entry point (dense batch with key padding, varlen, shared prefix) is described by two
-int32 tables the kernels read once per program (built in rlhf_fast/ops/attention.py):
+int32 tables the kernels read once per program (built in rlhf_fast/ops/attention/):
 
   query segments (n, 8)  [batch, q_lo, q_hi, ka_lo, ka_hi, kb_lo, kb_hi, diag]
       queries q_lo <= i < q_hi of batch `batch` attend to every key in [ka_lo, ka_hi) ("range A",
@@ -519,7 +519,7 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Tiles per kernel, dtype and head-dim tile, chosen with python -m rlhf_fast.kernels._aot: tensor-core MMA,
+# Tiles per kernel, dtype and head-dim tile, chosen with rlhf-fast inspect: tensor-core MMA,
 # no register spills and shared memory within an SM on both sm_80 and sm_90a. Forward: a 128-row query
 # tile amortises each K/V tile over 128 rows (flash-attention-2's arithmetic intensity); 64-key tiles keep
 # the (128, 64) fp32 score tile and the (128, D) fp32 accumulator in registers (8 warps of 16 query rows
@@ -638,7 +638,7 @@ def _dq_launch(q, k, v, do, lse, delta, dq, key_mask, q_seg, max_q_len, scale, c
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers (called by rlhf_fast/ops/attention.py). Tensors are 4-D strided views (batches, heads,
+# Launchers (called by rlhf_fast/ops/attention/). Tensors are 4-D strided views (batches, heads,
 # tokens, D) with unit stride along D; packed (total, H, D) tensors are passed as (1, H, total, D) views.
 # ---------------------------------------------------------------------------------------------
 
@@ -681,7 +681,7 @@ def segment_attention_bwd(do, q, k, v, out, lse, dq, dk, dv, q_segments, k_segme
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time specs (python -m rlhf_fast.kernels._aot): the launch configurations of the GPU
+# Ahead-of-time specs (rlhf-fast inspect): the launch configurations of the GPU
 # benchmark shapes, bf16, D = 64 and 128, dense causal (no padding) and shared prefix (range A).
 # ---------------------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ MIN_LOG: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 # Tuning. Forward: one program per row walks the row in blocks of FWD_MAX_BLOCK; 4096 elements on
 # 8 warps is 16 elements per thread (two 128-bit loads of bf16, four of fp32) in flight per step, at
-# 48-64 registers (python -m rlhf_fast.kernels._aot), so several rows share an SM. Backward: one
+# 48-64 registers (rlhf-fast inspect), so several rows share an SM. Backward: one
 # program per (row, vocab block); the work is element-wise, so the same block/warp shape keeps the
 # loads 128-bit and the grid large.
 FWD_MAX_BLOCK = 4096
@@ -195,7 +195,7 @@ def launch_config(n_cols: int, max_block: int) -> tuple[int, int]:
 
 
 # num_stages: Triton software-pipelines loads that feed tl.dot; this forward loop (a load feeding a
-# reduction) compiles to the same SASS with 1, 2 or 3 stages (checked with kernels/_aot.py), and the
+# reduction) compiles to the same SASS with 1, 2 or 3 stages (checked with rlhf-fast inspect), and the
 # backward has no loop. Latency is hidden by occupancy instead: at <= 64 registers, four 8-warp
 # programs fit an SM, i.e. 32 KB (bf16) to 64 KB (fp32) of loads in flight per SM per step, above the
 # ~18 KB that H100's bandwidth-latency product asks for.

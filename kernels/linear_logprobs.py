@@ -80,7 +80,7 @@ MIN_LOG: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 
 # ---------------------------------------------------------------------------------------------
-# Tuning (H100-class; every configuration below is compiled by `python -m rlhf_fast.kernels._aot`)
+# Tuning (H100-class; every configuration below is compiled by `rlhf-fast inspect`)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -423,7 +423,7 @@ def _linear_logprobs_bwd_kernel(
 
         # The per-row values are read after the K loop, not kept from before it: on sm_80 the
         # pipelined MMA loop needs nearly all 255 registers, and values carried across it spill
-        # (checked with kernels/_aot.py). The reads are L1/L2 hits.
+        # (checked with rlhf-fast inspect). The reads are L1/L2 hits.
         live = _has_grad(rows, offs_m < n_rows, labels_ptr, lse_ptr, ignore_index)
         # Rows without a gradient get lse = +inf, so p = exp(max(z - lse, MIN_LOG)) = 0 across the
         # row, and zero upstream gradients: their G is exactly 0 without a per-element select.

@@ -44,7 +44,7 @@ POLICY_STATS, VALUE_STATS = 6, 2
 # Tuning. Element-wise kernels and the loss tiles: one program per (row, block of columns), 8
 # elements per thread (two 128-bit loads of bf16 or fp32 in flight per input), so a 2048-column
 # block runs on 8 warps; four inputs and ~12 live fp32 values per element stay well under 128
-# registers (python -m rlhf_fast.kernels._aot). The finalize kernel is one program of 4 warps
+# registers (rlhf-fast inspect). The finalize kernel is one program of 4 warps
 # walking the tiles in blocks of FINALIZE_BLOCK.
 MAX_BLOCK = 2048
 ELEMS_PER_THREAD = 8

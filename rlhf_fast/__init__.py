@@ -1,6 +1,12 @@
 """rlhf_fast: fused RLHF ops (Triton, CUDA, native CPU) behind one function each."""
 
-from rlhf_fast._native import cpu_capability, cpu_gemm_engine, has_native, release_cpu_buffers
+from rlhf_fast._native import (
+    cpu_capability,
+    cpu_gemm_engine,
+    has_native,
+    release_cpu_buffers,
+    set_cpu_buffer_cache,
+)
 from rlhf_fast.backends import BACKENDS, backends_available, select_backend
 from rlhf_fast.ops import (
     DPOStats,
@@ -49,6 +55,7 @@ __all__ = [
     "ranking_loss",
     "release_cpu_buffers",
     "select_backend",
+    "set_cpu_buffer_cache",
     "shared_prefix_attention",
     "shared_prefix_layout",
     "value_loss",

@@ -9,7 +9,8 @@ the next backend in the device's preference order.
 Backends:
   torch   pure-PyTorch reference (rlhf_fast/reference.py): any device, also float64
   cpu     native C++ kernels (csrc/cpu, at::vec SIMD + at::parallel_for), from rlhf_fast._C
-  cuda    native CUDA kernels (csrc/cuda), from rlhf_fast._C when built with CUDA
+  cuda    native CUDA kernels (csrc/cuda), from rlhf_fast._C when built with CUDA; only ranking_loss has
+          one, for the K > 64 that its Triton kernel refuses
   triton  Triton kernels (kernels/, installed as rlhf_fast.kernels); on CPU tensors only under
           TRITON_INTERPRET=1, where they run in Triton's interpreter (for tests, never chosen
           automatically)
@@ -23,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rlhf_fast import _native
 
@@ -188,20 +188,6 @@ def requested_backend(backend: str | None) -> tuple[str | None, str]:
 
 
 _OPS: dict[str, OpRegistry] = {}
-
-
-def plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether a call may skip its torch.library custom op and run the backend directly: eager mode (not
-    traced by torch.compile), no torch-function or dispatch mode (FakeTensorMode, export, ...), no functorch
-    transform (vmap, grad), and plain tensors (no subclass such as DTensor). The custom op's Python wrapper
-    costs ~0.1 ms from cold caches and, for an op without autograd, adds nothing else in that case."""
-    if torch.compiler.is_compiling():  # first: torch.compile folds it (and cannot trace the mode queries)
-        return False
-    for t in tensors:
-        if type(t) is not torch.Tensor:
-            return False
-    return not (torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-                or _get_current_dispatch_mode() is not None)
 
 
 def op_registry(name: str) -> OpRegistry:

@@ -35,7 +35,7 @@ def _bench(args) -> int:
 
 
 def _inspect(args) -> int:
-    """rlhf_fast.kernels._aot: AOT-compile every kernel for sm_80/sm_90a and report (exit 1 on spills or
+    """rlhf_fast.kernels._inspect_cli: AOT-compile every kernel for sm_80/sm_90a and report (exit 1 on spills or
     missing tensor cores)."""
     import os
     import subprocess
@@ -43,7 +43,7 @@ def _inspect(args) -> int:
     # Triton's interpreter objects cannot be compiled ahead of time: run in a clean process.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return subprocess.call([sys.executable, "-m", "rlhf_fast.kernels._aot", *args.rest], env=env)
+    return subprocess.call([sys.executable, "-m", "rlhf_fast.kernels._inspect_cli", *args.rest], env=env)
 
 
 def main(argv=None) -> int:

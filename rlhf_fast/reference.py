@@ -581,7 +581,7 @@ def value_stats_ref(terms: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention (rlhf_fast/ops/attention.py): softmax(q k^T * scale + mask) v, one masked-softmax core
+# Attention (rlhf_fast/ops/attention/): softmax(q k^T * scale + mask) v, one masked-softmax core
 # ---------------------------------------------------------------------------------------------
 
 def _masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float):

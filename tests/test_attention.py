@@ -12,7 +12,9 @@ from conftest import CPU_BACKENDS
 from helpers import assert_close
 
 import rlhf_fast
-from rlhf_fast.ops.attention import _attention_op, _shared_op, _varlen_op
+from rlhf_fast.ops.attention.dense import _attention_op
+from rlhf_fast.ops.attention.shared_prefix import _shared_op
+from rlhf_fast.ops.attention.varlen import _varlen_op
 from rlhf_fast.reference import (
     attention_ref,
     causal_mask_ref,

@@ -94,26 +94,6 @@ print("ok")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-def test_plain_eager_only_outside_tracing_modes_and_transforms():
-    """Ops may skip their custom op's wrapper only for plain tensors in plain eager mode; FakeTensorMode,
-    torch-function modes, functorch transforms and tensor subclasses keep the custom op."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.overrides import TorchFunctionMode
-
-    from rlhf_fast.backends import plain_eager
-
-    x = torch.ones(3)
-    assert plain_eager(x, x)
-    with FakeTensorMode():
-        assert not plain_eager(torch.empty(3))
-    with TorchFunctionMode():
-        assert not plain_eager(x)
-    seen = []
-    torch.vmap(lambda t: seen.append(plain_eager(t)) or t)(torch.ones(2, 3))
-    assert seen == [False]
-    assert not plain_eager(torch.nn.Parameter(x))  # a subclass
-
-
 def test_gae_under_fake_tensor_mode_goes_through_the_custom_op():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -121,6 +101,5 @@ def test_gae_under_fake_tensor_mode_goes_through_the_custom_op():
         r = torch.empty(4, 7)
         adv, ret = rlhf_fast.gae(r, torch.empty(4, 7), None)
         assert adv.shape == (4, 7) and ret.dtype == torch.float32
-    # a fake offsets tensor is never kept for later real calls
     adv, _ = rlhf_fast.gae(torch.ones(4, 7), torch.zeros(4, 7), None)
     assert type(adv) is torch.Tensor and torch.isfinite(adv).all()

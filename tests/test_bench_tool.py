@@ -17,7 +17,7 @@ import types
 
 import pytest
 import torch
-from rlhf_fast.kernels import _aot
+from rlhf_fast.kernels import _aot, _cost, _inspect
 
 from rlhf_fast.bench import run
 from rlhf_fast.bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved
@@ -141,34 +141,34 @@ def test_automatic_choice_is_labelled_once_by_its_backend():
 # ---------------------------------------------------------------------------------------------
 
 def test_cost_model_hand_counts():
-    c = _aot.op_cost("gather_logprobs", "fwd", n=2, vocab=10, dtype="bf16")
+    c = _cost.op_cost("gather_logprobs", "fwd", n=2, vocab=10, dtype="bf16")
     assert c.bytes == 2 * 10 * 2 + 8 * 2 + 4 * 2 and c.flops == 4 * 20 and c.tensor_flops == 0
-    assert _aot.op_cost("gather_logprobs", "nograd", n=2, vocab=10, dtype="bf16") == c
-    c = _aot.op_cost("linear_logprobs", "fwd", n=4, hidden=8, vocab=16, dtype="bf16")
+    assert _cost.op_cost("gather_logprobs", "nograd", n=2, vocab=10, dtype="bf16") == c
+    c = _cost.op_cost("linear_logprobs", "fwd", n=4, hidden=8, vocab=16, dtype="bf16")
     assert c.tensor_flops == 2 * 4 * 8 * 16 and c.bytes == (4 + 16) * 8 * 2 + 12 * 4
-    assert _aot.op_cost("linear_logprobs", "bwd", n=4, hidden=8, vocab=16, dtype="bf16").tensor_flops == 3 * 1024
-    c = _aot.op_cost("linear", "fwd+bwd", m=4, k=8, n=16, dtype="fp32")  # 1 + 2 GEMMs
+    assert _cost.op_cost("linear_logprobs", "bwd", n=4, hidden=8, vocab=16, dtype="bf16").tensor_flops == 3 * 1024
+    c = _cost.op_cost("linear", "fwd+bwd", m=4, k=8, n=16, dtype="fp32")  # 1 + 2 GEMMs
     assert c.tensor_flops == 3 * 2 * 4 * 8 * 16 and c.bytes == 4 * ((32 + 128 + 64) + (64 + 64 + 256))
     # attention, one causal sequence of 4 tokens: 1 + 2 + 3 + 4 = 10 visible pairs per head
-    shape = _aot.attention_shape("dense", batch=1, heads=2, seqlen=4, head_dim=8)
+    shape = _cost.attention_shape("dense", batch=1, heads=2, seqlen=4, head_dim=8)
     assert shape["pairs"] == 10
-    fwd = _aot.op_cost("attention", "fwd", **shape)
+    fwd = _cost.op_cost("attention", "fwd", **shape)
     assert fwd.tensor_flops == 4 * 2 * 8 * 10
     assert fwd.bytes == 2 * (4 * 2 * 8 * 2) + 2 * (4 * 2 * 8 * 2) + 4 * 2 * 4  # q, o; k, v; lse
-    assert _aot.op_cost("attention", "fwd+bwd", **shape).tensor_flops == 3.5 * fwd.tensor_flops
-    assert _aot._pairs_causal(3, 5) == 3 + 4 + 5  # bottom-right: query i sees i + S - T + 1 keys
+    assert _cost.op_cost("attention", "fwd+bwd", **shape).tensor_flops == 3.5 * fwd.tensor_flops
+    assert _cost._pairs_causal(3, 5) == 3 + 4 + 5  # bottom-right: query i sees i + S - T + 1 keys
     # the issue-5 shape: B=8 H=32 T=2048 D=128 causal, forward 4 H D pairs = 274.9 GFLOP
-    big = _aot.attention_shape("dense", batch=8, heads=32, seqlen=2048, head_dim=128)
-    assert _aot.op_cost("attention", "fwd", **big).tensor_flops == 4 * 32 * 128 * 8 * 2048 * 2049 // 2
+    big = _cost.attention_shape("dense", batch=8, heads=32, seqlen=2048, head_dim=128)
+    assert _cost.op_cost("attention", "fwd", **big).tensor_flops == 4 * 32 * 128 * 8 * 2048 * 2049 // 2
 
 
 def test_time_at_peak_is_the_roofline_bound():
-    mem = _aot.estimate(_aot.Cost(bytes=3.35e12))
+    mem = _cost.estimate(_cost.Cost(bytes=3.35e12))
     assert mem["H100_us"] == pytest.approx(1e6) and mem["H100_bound"] == "memory"
     assert mem["H200_us"] == pytest.approx(3.35 / 4.8 * 1e6)
-    comp = _aot.estimate(_aot.Cost(bytes=1.0, tensor_flops=989e12))
+    comp = _cost.estimate(_cost.Cost(bytes=1.0, tensor_flops=989e12))
     assert comp["H100_us"] == pytest.approx(1e6) and comp["H100_bound"] == "compute"
-    row = next(r for r in _aot.attention_table() if r["shape"].startswith("dense causal B=8 H=32 T=2048 D=128")
+    row = next(r for r in _cost.attention_table() if r["shape"].startswith("dense causal B=8 H=32 T=2048 D=128")
                and r["mode"] == "fwd+bwd")
     assert row["ms @989TF"] == pytest.approx(row["GFLOP"] / 989)  # GFLOP / (TFLOP/s) = ms
     assert row["ms @330TF"] == pytest.approx(row["GFLOP"] / 330)
@@ -176,8 +176,8 @@ def test_time_at_peak_is_the_roofline_bound():
 
 def test_every_triton_kernel_has_a_cost():
     names = {spec.name for spec in _aot.all_specs()}
-    assert names and all(_aot.kernel_base(n)[0] in _aot.KERNEL_OPS for n in names), names
-    rows = _aot.kernel_estimates(names)
+    assert names and all(_cost.kernel_base(n)[0] in _cost.KERNEL_OPS for n in names), names
+    rows = _cost.kernel_estimates(names)
     assert {r["kernel"] for r in rows} == names and all(r["H100_us"] > 0 for r in rows)
 
 
@@ -187,13 +187,13 @@ def test_every_triton_kernel_has_a_cost():
 
 def test_occupancy_limits():
     # 128 registers x 32 threads = 4096 per warp: 16 warps per SM, 4 CTAs of 4 warps
-    assert _aot.occupancy("sm_90a", 128, 4) == {"occupancy": 0.25, "warps_per_sm": 16, "ctas_per_sm": 4,
+    assert _inspect.occupancy("sm_90a", 128, 4) == {"occupancy": 0.25, "warps_per_sm": 16, "ctas_per_sm": 4,
                                                  "limiter": "registers"}
     # 100 KB + the 1 KB reservation: one CTA fits in sm_80's 164 KB
-    occ = _aot.occupancy("sm_80", 32, 8, 100 * 1024)
+    occ = _inspect.occupancy("sm_80", 32, 8, 100 * 1024)
     assert (occ["ctas_per_sm"], occ["limiter"], occ["occupancy"]) == (1, "shared", 0.125)
-    assert _aot.occupancy("sm_80", 32, 4)["occupancy"] == 1.0
-    assert _aot.occupancy("sm_90", 72, None) == {"occupancy": 0.438, "warps_per_sm": 28, "limiter": "registers",
+    assert _inspect.occupancy("sm_80", 32, 4)["occupancy"] == 1.0
+    assert _inspect.occupancy("sm_90", 72, None) == {"occupancy": 0.438, "warps_per_sm": 28, "limiter": "registers",
                                                   "ctas_per_sm": None}
 
 
@@ -207,19 +207,19 @@ Resource usage:
  Function _ZN9rlhf_fast4cuda26gather_logprobs_fwd_kernelIfLi512ELi512EEEvPKT_:
   REG:55 STACK:8 SHARED:1216 LOCAL:4 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
-    found = _aot._RES_FUNCTION.findall(text)
+    found = _inspect._RES_FUNCTION.findall(text)
     assert [f[1:] for f in found] == [("48", "0", "0", "0"), ("55", "8", "1216", "4")]
     sass = "\t\tFunction : _Zk1\n /*0010*/ LDG.E.128 R4, desc[UR4][R2.64] ;\n /*0020*/ HMMA.16816.F32 R0, R4 ;\n"
-    features = _aot.sass_features(_aot._split_functions(sass)["_Zk1"])
+    features = _inspect.sass_features(_inspect._split_functions(sass)["_Zk1"])
     assert features["ldg_widths"] == (128,) and features["tensor_core_ops"] == ("HMMA",)
 
 
-@pytest.mark.skipif(_aot.cuobjdump_path() is None, reason="no cuobjdump (triton wheel or CUDA toolkit)")
+@pytest.mark.skipif(_inspect.cuobjdump_path() is None, reason="no cuobjdump (triton wheel or CUDA toolkit)")
 def test_inspect_json_for_one_kernel():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._aot", "--json", "--no-cuda", "--arch", "90",
-                           "--kernels", "^ranking_loss_finalize"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._inspect_cli", "--json", "--no-cuda",
+                           "--arch", "90", "--kernels", "^ranking_loss_finalize"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert set(report) >= {"triton", "cuda", "cuda_note", "summary", "kernel_estimates", "op_estimates", "failures"}

@@ -1,7 +1,7 @@
 """Compile-only check of the CUDA kernels with nvcc: no GPU needed, skipped without nvcc.
 
-Every csrc/cuda/*.cu is compiled once (`nvcc -c`, no link) for sm_80 and sm_90 with the flags
-setup.py's CUDAExtension uses, and ptxas's report (`-Xptxas -v`) is read: every kernel of every
+Every csrc/cuda/*.cu (today ranking_loss.cu alone) is compiled once (`nvcc -c`, no link) for sm_80
+and sm_90 with the flags setup.py's CUDAExtension uses, and ptxas's report (`-Xptxas -v`) is read: every kernel of every
 file must build for every arch without register spills, and the kernels listed in KERNELS must be
 there for every dtype. Run with `-s` to see the nvcc command
 and the registers per kernel.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from rlhf_fast.kernels._aot import _demangle
+from rlhf_fast.kernels._inspect import _demangle
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -32,10 +32,9 @@ SETUP_NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
 FALLBACK_COMMON_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                               "--expt-relaxed-constexpr"]
-# gather_logprobs_fwd_kernel<T, threads per row, block threads>: warp per row and block per row;
-# gather_logprobs_bwd_kernel<T, with entropy>: with and without the entropy gradient.
+# ranking_loss_fwd_kernel<T> and ranking_loss_bwd_kernel<T>: one instance per dtype of the rewards.
 # Per source file: kernel name -> number of template variants expected per dtype.
-KERNELS = {"gather_logprobs.cu": {"gather_logprobs_fwd_kernel": 2, "gather_logprobs_bwd_kernel": 2}}
+KERNELS = {"ranking_loss.cu": {"ranking_loss_fwd_kernel": 1, "ranking_loss_bwd_kernel": 1}}
 DTYPES = {"float": "If", "bfloat16": "IN3c108BFloat16E", "float16": "IN3c104HalfE"}
 
 pytestmark = pytest.mark.slow

@@ -112,19 +112,6 @@ def test_k3_default_cap_and_opt_out(backend):
             -10.0 if value < 0 else 10.0)
 
 
-def test_cuda_backend_refuses_other_caps():
-    """The CUDA kernels have the default cap built in: asking for cuda with another cap is an error that
-    says so; an automatic choice of cuda falls back."""
-    from rlhf_fast.ops import _numerics as N
-
-    assert N.cuda_reasons("kl_penalty", kl_cap=10.0, estimator="k3") == []
-    assert N.cuda_reasons("kl_penalty", kl_cap=None, estimator="k1") == []
-    reasons = N.cuda_reasons("kl_penalty", kl_cap=None, estimator="k3")
-    assert reasons and "default KL cap" in reasons[0]
-    with pytest.raises(ValueError, match="backend 'cuda' .* cannot run: the CUDA kernels of kl_penalty"):
-        N.avoid_fixed_cuda("kl_penalty", "cuda", "cuda", "torch", reasons)
-    assert N.avoid_fixed_cuda("kl_penalty", "cuda", None, "torch", reasons) == "torch"
-    assert N.avoid_fixed_cuda("kl_penalty", "cpu", "cpu", "torch", reasons) == "cpu"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90a, without a GPU.
 
-Runs ``python -m rlhf_fast.kernels._aot --json --no-cuda`` (``rlhf-fast inspect`` for the Triton kernels) in a
+Runs ``python -m rlhf_fast.kernels._inspect_cli --json --no-cuda`` (``rlhf-fast inspect`` for the Triton kernels) in a
 subprocess with TRITON_INTERPRET removed (under
 the interpreter @triton.jit gives objects that cannot be compiled), then checks every configuration
 the launchers of every op use: it compiles for both archs, spills nothing, and its report is
@@ -38,7 +38,7 @@ def _expected_labels() -> set[str]:
 
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._aot", "--json", "--no-cuda"],
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._inspect_cli", "--json", "--no-cuda"],
                           env=_env_without_interpreter(), capture_output=True, text=True, timeout=600)
     # exit status 1 means "some kernel spills": the reports still come out and the tests name it
     assert proc.returncode in (0, 1), f"AOT compile failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -81,7 +81,7 @@ def test_reports_are_well_formed(reports):
 
 def test_aot_refuses_to_run_under_the_interpreter():
     env = dict(_env_without_interpreter(), TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._aot"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.kernels._inspect_cli"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "TRITON_INTERPRET" in proc.stderr

@@ -6,11 +6,12 @@
 #include <rlhf_fast/gae_math.h>
 
 #include "hugepage_alloc.h"
-#include "gae.h"
 #include "kernels/gae.h"
 
 namespace rlhf_fast::cpu {
 
+// rewards, values (N,) of one float dtype, mask (N,) bool, cu_seqlens (S+1,) int64, all contiguous; checked,
+// the offsets' values included -> (advantages (N,), returns (N,)) fp32.
 std::tuple<at::Tensor, at::Tensor> gae_fwd_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                                const at::Tensor& mask, const at::Tensor& cu_seqlens, double gamma,
                                                double lam, bool whiten) {
@@ -24,24 +25,11 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd_cpu(const at::Tensor& rewards, const 
   }
   RLHF_FAST_CHECK(cu[n_seq] == total, "cu_seqlens: expected the last offset to equal the number of tokens ",
                   total, " (rewards.shape[0]), got ", cu[n_seq]);
-  // huge-page backed once large: fresh 4 KB pages cost more than the scan (~0.45 ms per 2 MB of faults)
+  // from the buffer cache when it is on (hugepage_alloc.h): fresh 4 KB pages cost more than the scan
   at::Tensor advantages = empty_hugepage({total}, at::kFloat), returns = empty_hugepage({total}, at::kFloat);
   if (total == 0) return {advantages, returns};
   gae_fwd_stub()()(rewards, values, mask, cu_seqlens, float(gamma), float(lam), whiten, advantages, returns);
   return {advantages, returns};
-}
-
-std::tuple<at::Tensor, at::Tensor> gae_padded_cpu(const at::Tensor& rewards, const at::Tensor& values,
-                                                  const at::Tensor& mask, double gamma, double lam, bool whiten) {
-  RLHF_FAST_CHECK(rewards.dim() == 2, "rewards: expected a 2-D (B, T) tensor, got shape ", rewards.sizes());
-  const int64_t batch = rewards.size(0), steps = rewards.size(1);
-  at::Tensor cu_seqlens = at::empty({batch + 1}, at::kLong);
-  int64_t* cu = cu_seqlens.mutable_data_ptr<int64_t>();
-  for (int64_t s = 0; s <= batch; ++s) cu[s] = s * steps;
-  // view() rejects a layout that is not one row of memory
-  auto [advantages, returns] = gae_fwd_cpu(rewards.view({-1}), values.view({-1}), mask.view({-1}), cu_seqlens, gamma,
-                                           lam, whiten);
-  return {advantages.view({batch, steps}), returns.view({batch, steps})};
 }
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {

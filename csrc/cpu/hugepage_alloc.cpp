@@ -8,6 +8,7 @@
 
 #include <rlhf_fast/checks.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -22,19 +23,21 @@ namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
 constexpr size_t kMinBytes = size_t{2} << 20;
+constexpr int64_t kMaxMB = int64_t{1} << 20;  // 1 TB: a sanity bound on the setting
 
 struct Block {
   void* ptr;
   size_t bytes;
 };
 
+// The bound from RLHF_FAST_CPU_BUFFER_CACHE_MB; unset or empty: 0, the cache is off.
 size_t cache_capacity() {
   const char* env = std::getenv("RLHF_FAST_CPU_BUFFER_CACHE_MB");
-  if (env == nullptr || *env == '\0') return size_t{1024} << 20;
+  if (env == nullptr || *env == '\0') return 0;
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
-  RLHF_FAST_CHECK(end != env && *end == '\0' && mb >= 0,
-                  "RLHF_FAST_CPU_BUFFER_CACHE_MB: expected an integer >= 0 (MB), got '", env, "'");
+  RLHF_FAST_CHECK(end != env && *end == '\0' && mb >= 0 && mb <= kMaxMB,
+                  "RLHF_FAST_CPU_BUFFER_CACHE_MB: expected an integer in [0, ", kMaxMB, "] (MB), got '", env, "'");
   return size_t(mb) << 20;
 }
 
@@ -42,6 +45,25 @@ size_t cache_capacity() {
 class Cache {
  public:
   Cache() : capacity_(cache_capacity()) {}
+
+  bool enabled() const { return capacity_.load(std::memory_order_relaxed) > 0; }
+
+  // New bound; frees the idle buffers beyond it (all of them for 0). Returns the old bound.
+  size_t set_capacity(size_t bytes) {
+    std::deque<Block*> evicted;
+    size_t old = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      old = capacity_.exchange(bytes);
+      while (idle_bytes_ > bytes) {
+        evicted.push_back(idle_.front());
+        idle_bytes_ -= idle_.front()->bytes;
+        idle_.pop_front();
+      }
+    }
+    for (Block* e : evicted) destroy(e);
+    return old;
+  }
 
   // A cached buffer of at least `bytes` and at most 25% more (the smallest such), or nullptr.
   Block* take(size_t bytes) {
@@ -64,11 +86,12 @@ class Cache {
     std::deque<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (b->bytes <= capacity_) {
+      const size_t capacity = capacity_.load(std::memory_order_relaxed);
+      if (b->bytes <= capacity) {
         idle_.push_back(b);
         idle_bytes_ += b->bytes;
         b = nullptr;
-        while (idle_bytes_ > capacity_) {
+        while (idle_bytes_ > capacity) {
           evicted.push_back(idle_.front());
           idle_bytes_ -= idle_.front()->bytes;
           idle_.pop_front();
@@ -103,7 +126,7 @@ class Cache {
   std::mutex mu_;
   std::deque<Block*> idle_;
   size_t idle_bytes_ = 0;
-  const size_t capacity_;
+  std::atomic<size_t> capacity_;  // written under mu_; read without it only by enabled()
 };
 
 Cache& cache() {
@@ -137,7 +160,7 @@ struct HugePageAllocator final : c10::Allocator {
 at::Tensor empty_hugepage(at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
-  if (size_t(numel) * c10::elementSize(dtype) < kMinBytes) {
+  if (size_t(numel) * c10::elementSize(dtype) < kMinBytes || !cache().enabled()) {
     return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
   }
   static HugePageAllocator allocator;
@@ -147,9 +170,16 @@ at::Tensor empty_hugepage(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 int64_t release_cached_buffers() { return cache().release_all(); }
 
+int64_t set_buffer_cache_mb(int64_t mb) {
+  RLHF_FAST_CHECK(mb >= 0 && mb <= kMaxMB, "mb: expected an integer in [0, ", kMaxMB, "] (MB), got ", mb);
+  return int64_t(cache().set_capacity(size_t(mb) << 20) >> 20);
+}
+
 }  // namespace rlhf_fast::cpu
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
   // frees the idle large CPU buffers rlhf_fast keeps for reuse; returns the bytes released
   m.def("release_cpu_buffers() -> int", [] { return rlhf_fast::cpu::release_cached_buffers(); });
+  // sets the most MB of idle buffers kept (0: the cache is off); returns the previous bound in MB
+  m.def("set_cpu_buffer_cache_mb(int mb) -> int", [](int64_t mb) { return rlhf_fast::cpu::set_buffer_cache_mb(mb); });
 }

@@ -22,6 +22,11 @@
 // ranking::candidate_grad (O(K) each) and counts its pairs; the count is reduced over the warp to
 // scale the prompt by g / (pairs_p * ranked_prompts).
 //
+// Why a CUDA kernel beside the Triton one (kernels/ranking_loss.py): the Triton kernel keeps a prompt's
+// K x K pairs in registers and refuses K > 64 (MAX_K); this one loops over the pairs, so it runs any K,
+// and on a CUDA tensor with K > 64 it is the automatic choice (else the eager reference would run).
+// It is rlhf_fast's only CUDA backend.
+//
 // Build: part of rlhf_fast._C when torch has CUDA and nvcc exists. Without a GPU,
 // tests/test_cuda_build.py compiles this file alone for sm_80 and sm_90 and checks for spills.
 #include <ATen/Dispatch.h>

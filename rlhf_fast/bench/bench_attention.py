@@ -15,7 +15,7 @@ The reference (correctness check before timing) is the separate path with "eager
 Sweep: prompts per batch.
 
 The attention kernels alone are benchmarked in bench_attention_op.py; their GPU shapes' FLOPs, bytes and
-time at H100 peak come from rlhf_fast.kernels._aot (python -m rlhf_fast.bench.bench_attention --yardstick).
+time at H100 peak come from rlhf_fast.kernels._cost (python -m rlhf_fast.bench.bench_attention --yardstick).
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ def derived(case: Case, mode: str, median_ms: float) -> dict:
 
 
 def yardstick_markdown() -> str:
-    """The attention GPU shapes: FLOPs and bytes per call, time at H100 peak (rlhf_fast.kernels._aot)."""
-    from rlhf_fast.kernels._aot import attention_table, markdown_table
+    """The attention GPU shapes: FLOPs and bytes per call, time at H100 peak (rlhf_fast.kernels._cost)."""
+    from rlhf_fast.kernels._cost import attention_table
+    from rlhf_fast.kernels._inspect import markdown_table
 
     return markdown_table(attention_table())
 

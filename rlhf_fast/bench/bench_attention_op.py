@@ -7,7 +7,7 @@ Providers:
   sdpa                  torch.nn.functional.scaled_dot_product_attention (is_causal, enable_gqa)
   flash_attn            flash_attn.flash_attn_func (flash-attention 2), GPU only, when installed
 Sweep: sequence length at B = 2, H = 8, D = 64 (CPU) / B = 8, H = 32, D = 128 bf16 (GPU).
-TFLOP/s follow flash-attention-2's count (rlhf_fast.kernels._aot.op_cost: backward 2.5x the forward).
+TFLOP/s follow flash-attention-2's count (rlhf_fast.kernels._cost.op_cost: backward 2.5x the forward).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def sweep(case: Case) -> list[tuple[str, str, int]]:
 
 
 def cost(case: Case) -> dict:
-    from rlhf_fast.kernels._aot import attention_shape
+    from rlhf_fast.kernels._cost import attention_shape
 
     return attention_shape("dense", batch=case.batch, heads=case.heads, kv_heads=case.kv_heads, seqlen=case.seqlen,
                            head_dim=case.head_dim, causal=case.causal,

@@ -55,7 +55,7 @@ def sweep(case: Case) -> list[tuple[str, str, int]]:
 
 
 def cost(case: Case) -> dict:
-    """Shape of the case for the analytic cost model (rlhf_fast.kernels._aot.op_cost)."""
+    """Shape of the case for the analytic cost model (rlhf_fast.kernels._cost.op_cost)."""
     return dict(n=case.n, vocab=case.vocab, dtype=dtype_name(case.dtype), entropy=case.entropy)
 
 

@@ -65,7 +65,7 @@ def sweep(case: Case) -> list[tuple[str, str, int]]:
 
 
 def cost(case: Case) -> dict:
-    """The shape rlhf_fast.kernels._aot.op_cost takes (compulsory bytes of the Triton kernels)."""
+    """The shape rlhf_fast.kernels._cost.op_cost takes (compulsory bytes of the Triton kernels)."""
     return dict(prompts=case.prompts, k=case.k, dtype=dtype_name(case.dtype), batch=case.scale == "batch")
 
 

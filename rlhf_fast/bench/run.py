@@ -12,7 +12,7 @@ with the providers of a case interleaved round-robin (a slow spell of the machin
 median and quartiles; GPU: triton.testing.do_bench (CUDA events, L2 flushed before every run).
 Memory: GPU peak allocated (every row); CPU peak RSS of a fresh process above its inputs (--memory).
 Derived: GB/s and % of the memory floor, TFLOP/s, from the analytic cost model of
-rlhf_fast.kernels._aot; speed-ups of rlhf_fast over each baseline.
+rlhf_fast.kernels._cost; speed-ups of rlhf_fast over each baseline.
 
 Output: a table per suite on the terminal, rows (with device, versions, commit, timestamp) in
 <out>/<suite>-<device>.csv and .json, PNG plots of time and memory against each swept size in
@@ -65,8 +65,8 @@ README_MODES = ("nograd", "fwd+bwd")  # the README tables; every mode is in the 
 # ---------------------------------------------------------------------------------------------
 
 def cost_of(module, case, mode: str):
-    """The analytic cost of one call (rlhf_fast.kernels._aot.op_cost), or None for a suite without one."""
-    from rlhf_fast.kernels._aot import Cost, op_cost
+    """The analytic cost of one call (rlhf_fast.kernels._cost.op_cost), or None for a suite without one."""
+    from rlhf_fast.kernels._cost import Cost, op_cost
 
     if not hasattr(module, "cost"):
         return None
@@ -292,10 +292,10 @@ def markdown(rows: list[Row], env: dict, reps: int, modes=None, case_names=None)
     if "floor" in provs:
         note += " `floor` is one `logits.sum()` (the forward's memory floor)."
     if rate == "GB/s":
-        note += (" GB/s: the analytic compulsory bytes (rlhf_fast.kernels._aot.op_cost) per second; % floor: of "
+        note += (" GB/s: the analytic compulsory bytes (rlhf_fast.kernels._cost.op_cost) per second; % floor: of "
                  f"{env.get('floor_GBps', '?')} GB/s ({env.get('floor_source', '?')}).")
     else:
-        note += " TFLOP/s: the analytic FLOPs (rlhf_fast.kernels._aot.op_cost) per second."
+        note += " TFLOP/s: the analytic FLOPs (rlhf_fast.kernels._cost.op_cost) per second."
     if has_mem:
         note += (" MB: peak memory above the inputs and the gradients every method returns ("
                  + ("GPU: torch peak allocated" if env.get("device_type") == "cuda" else "fresh process, peak RSS")
@@ -393,27 +393,27 @@ def update_readme_tables(tables: dict[str, str], device: str, path: Path = READM
 def static_sections(inspect: bool = True) -> dict[str, str]:
     """The README blocks that need no timing: the inspection summary (compiles every kernel: ~1-3 min)
     and the time-at-peak tables of the cost model."""
-    from rlhf_fast.kernels import _aot
+    from rlhf_fast.kernels import _cost, _inspect
 
     blocks = {}
     if inspect:
-        report = _aot.inspect_all()
+        report = _inspect.inspect_all()
         report.pop("_reports")
         failures = "; ".join(report["failures"]) or "none"
         note = report["cuda_note"] and f" CUDA sources: {report['cuda_note']}."
-        blocks["inspect"] = (_aot.markdown_table(report["summary"]) + "\n\n"
+        blocks["inspect"] = (_inspect.markdown_table(report["summary"]) + "\n\n"
                              f"`rlhf-fast inspect` (per configuration: `rlhf-fast inspect`; JSON: `--json`). "
                              f"Spills or missing tensor cores: {failures}.{note or ''} Occupancy: resident warps "
                              "per SM / 64 at sm_80/sm_90 limits (CUDA kernels: register limit only, the block size "
                              "is a launch argument); ldg128: configurations with 128-bit global loads.")
-    est = _aot.op_estimates()
+    est = _cost.op_estimates()
     cols = ["op", "shape", "mode", "GFLOP", "MB", "H100_us", "H100_bound", "H200_us", "H200_bound"]
-    blocks["estimates"] = (_aot.markdown_table(est, cols) + "\n\n"
+    blocks["estimates"] = (_inspect.markdown_table(est, cols) + "\n\n"
                            "Roofline lower bound max(FLOPs / peak, bytes / bandwidth) of one call: H100 SXM "
                            "989 TFLOP/s bf16 dense, 3.35 TB/s; H200 989 TFLOP/s, 4.8 TB/s. Bytes: every input "
                            "read once, every output written once (MB = 1e6 bytes). From "
-                           "`rlhf_fast.kernels._aot.op_cost`; per kernel: `rlhf-fast inspect`.")
-    blocks["attention-yardstick"] = (_aot.markdown_table(_aot.attention_table()) + "\n\n"
+                           "`rlhf_fast.kernels._cost.op_cost`; per kernel: `rlhf-fast inspect`.")
+    blocks["attention-yardstick"] = (_inspect.markdown_table(_cost.attention_table()) + "\n\n"
                                      "FLOPs as flash-attention-2 counts them (forward 4·pairs·D per head, backward "
                                      "2.5x the forward, the recompute of S included); the goal for the Triton "
                                      "kernels is flash-attention-2-class throughput, >= 330 TFLOP/s fwd+bwd at "

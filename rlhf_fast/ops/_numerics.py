@@ -10,14 +10,12 @@ and the cap of the KL estimate, their defaults and their checks.
   choice; OpenRLHF caps k1, k2 and k3 alike at 10: pass ``cap=10.0`` for that). ``None``: no cap.
 
 The same defaults are compiled into csrc/include/rlhf_fast/ppo_losses_math.h (kDefaultLogRatioClamp,
-default_kl_cap). The CUDA kernels (csrc/cuda/*.cu) compute those defaults and nothing else: a call
-with other values on the cuda backend is refused (an automatic choice moves on to another backend).
+default_kl_cap).
 """
 
 from __future__ import annotations
 
 from rlhf_fast import _validation as V
-from rlhf_fast.backends import requested_backend
 
 LOG_RATIO_CLAMP = 20.0
 K3_CAP = 10.0
@@ -41,26 +39,3 @@ def resolve_kl_cap(name: str, value, estimator: str) -> float | None:
             raise ValueError(f"{name}: expected 'default', None or a finite number > 0, got {value!r}")
         return default_kl_cap(estimator)
     return None if value is None else V.check_positive_float(name, value)
-
-
-def cuda_reasons(op: str, log_ratio_clamp=LOG_RATIO_CLAMP, kl_cap=None, estimator: str | None = None) -> list[str]:
-    """Why the cuda backend cannot compute these settings (its kernels have the defaults built in)."""
-    reasons = []
-    if log_ratio_clamp != LOG_RATIO_CLAMP:
-        reasons.append(f"the CUDA kernels of {op} compute log_ratio_clamp={LOG_RATIO_CLAMP} only, "
-                       f"got {log_ratio_clamp!r}")
-    if estimator is not None and kl_cap != default_kl_cap(estimator):
-        reasons.append(f"the CUDA kernels of {op} compute the default KL cap "
-                       f"({default_kl_cap(estimator)!r} for {estimator}) only, got {kl_cap!r}")
-    return reasons
-
-
-def avoid_fixed_cuda(op: str, name: str, backend: str | None, fallback: str, reasons: list[str]) -> str:
-    """The backend to run: `name`, unless it is cuda and `reasons` say it cannot compute the settings;
-    then an explicit request raises ValueError with them and an automatic choice takes `fallback`."""
-    if name != "cuda" or not reasons:
-        return name
-    requested, source = requested_backend(backend)
-    if requested is not None:
-        raise ValueError(f"{op}: backend 'cuda' (from {source}) cannot run: " + "; ".join(reasons))
-    return fallback

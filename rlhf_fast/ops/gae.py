@@ -2,7 +2,7 @@
 
 Flow: public function (validates, flattens to packed form) -> custom op ``rlhf_fast::gae`` (fake impl,
 no autograd: GAE is computed from detached rewards and values) -> the backend chosen by
-rlhf_fast.backends: torch (reference.gae_ref), cpu (csrc/cpu/gae.cpp), cuda (csrc/cuda/gae.cu),
+rlhf_fast.backends: torch (reference.gae_ref), cpu (csrc/cpu/gae.cpp),
 triton (kernels/gae.py). Every backend sees packed sequences: rewards, values, mask (N,) and
 cu_seqlens (S+1,) int64; the padded form (B, T) is the packed form with cu_seqlens = arange(B+1) * T.
 
@@ -10,14 +10,9 @@ Cost model, (B, T) = (256, 2048): the Python loop trainers write (reference.gae_
 ~8 small kernels per time step, T * 8 = 16K launches whatever B is: ~100 ms on a CPU, ~100 ms of
 launch latency on a GPU. The kernels read rewards, values and mask once and write advantages and
 returns once (9 + 2b bytes a token for b-byte inputs, 4.7 MB here): on CPU each sequence walked
-backward in SIMD blocks scanned inside a register (csrc/cpu/kernels/gae_kernel.h), one warp (CUDA) or
-one program (Triton) per sequence on GPU, the recursion as a parallel scan of affine maps inside it
-(rlhf_fast/gae_math.h). From cold caches (a training step runs between two GAE calls) the Python around
-the kernel cost as much as the scan, so the plain CPU case -- exact CPU tensors, plain eager mode, the
-cpu backend chosen -- goes into C++ in one call (rlhf_fast._C.gae, csrc/eager_calls.cpp: ~0.3 ms instead
-of ~0.5 ms at (256, 2048)); any other call is validated here and, in plain eager mode, still calls its
-backend without the custom op's wrapper (backends.plain_eager). Whitening adds one read and one write of
-the advantages.
+backward in SIMD blocks scanned inside a register (csrc/cpu/kernels/gae_kernel.h), one program
+(Triton) per sequence on GPU, the recursion as a parallel scan of affine maps inside it
+(rlhf_fast/gae_math.h). Whitening adds one read and one write of the advantages.
 """
 
 from __future__ import annotations
@@ -28,17 +23,10 @@ import torch
 from torch import Tensor
 
 from rlhf_fast import _validation as V
-from rlhf_fast.backends import op_registry, plain_eager, requested_backend
+from rlhf_fast.backends import op_registry
 from rlhf_fast.reference import gae_ref
 
 OP = op_registry("gae")
-# The plain CPU case in one call (csrc/eager_calls.cpp): exact fp32/bf16/fp16 CPU tensors of one dtype, a
-# bool mask, int64 cu_seqlens if any, float gamma and lam, plain eager mode, the cpu backend the one chosen.
-# It returns None for anything else, which then takes the path below (validation, errors, custom op).
-try:
-    from rlhf_fast._C import gae as _PLAIN_CPU
-except ImportError:  # no native extension
-    _PLAIN_CPU = None
 
 
 def check_cu_seqlens_values(cu_seqlens: Tensor, total: int) -> None:
@@ -94,7 +82,6 @@ def _triton_forward(rewards, values, mask, cu_seqlens, gamma, lam, whiten):
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -156,7 +143,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, *, gamma: float = 
             before whitening and are not whitened.
         cu_seqlens: ``(S+1,)`` int32/int64 offsets of the packed sequences (0, ..., N), non-decreasing;
             empty sequences are allowed.
-        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
             the best available for the device (see :mod:`rlhf_fast.backends`).
 
     For each valid position t, with V' and A' the value and the advantage at the next VALID position
@@ -171,11 +158,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, *, gamma: float = 
         differentiable: computed from detached rewards and values (GAE targets are constants of the
         PPO loss); the outputs never require grad. The caller's tensors are never written to.
     """
-    if (_PLAIN_CPU is not None and not torch.compiler.is_compiling()
-            and requested_backend(backend)[0] in (None, "cpu")):
-        out = _PLAIN_CPU(rewards, values, mask, cu_seqlens, gamma, lam, whiten)  # None unless the plain CPU case
-        if out is not None:
-            return out
     _check_float_tensor("rewards", rewards)
     _check_float_tensor("values", values)
     V.check_same_device("values", values, "rewards", rewards)
@@ -206,17 +188,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, *, gamma: float = 
     dtype = torch.promote_types(rewards.dtype, values.dtype)
     flat_r, flat_v = _flat(rewards, dtype), _flat(values, dtype)  # (N,)
     flat_m = _flat(mask if mask.dtype == torch.bool else mask != 0, torch.bool)
-    # plain eager mode: no autograd to register, so the backend runs directly (see plain_eager)
-    direct = plain_eager(flat_r, flat_v, flat_m) and (cu_seqlens is None or plain_eager(cu_seqlens))
-    if cu_seqlens is None:
-        cu = _padded_offsets(*rewards.shape, rewards.device, keep=direct)
+    if cu_seqlens is None:  # the padded form is the packed form with offsets [0, T, 2T, ..., B T]
+        batch, steps = rewards.shape
+        cu = torch.arange(batch + 1, device=rewards.device, dtype=torch.int64) * steps
     else:
         cu = cu_seqlens.to(torch.int64).contiguous()
     name = OP.select([flat_r, flat_v], backend)
-    if direct:
-        adv, ret = OP.impl(name).forward(flat_r, flat_v, flat_m, cu, gamma, lam, whiten)
-    else:
-        adv, ret = _gae_op(flat_r, flat_v, flat_m, cu, gamma, lam, whiten, name)
+    adv, ret = _gae_op(flat_r, flat_v, flat_m, cu, gamma, lam, whiten, name)
     return adv.view(rewards.shape), ret.view(rewards.shape)
 
 
@@ -228,19 +206,3 @@ def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
         t = t.to(dtype)
     return t if t.is_contiguous() else t.contiguous()
 
-
-_PADDED_OFFSETS: dict[tuple, Tensor] = {}
-
-
-def _padded_offsets(batch: int, steps: int, device: torch.device, keep: bool) -> Tensor:
-    """cu_seqlens of the padded form, [0, T, 2T, ..., B T] int64; with `keep` (plain tensors in eager
-    mode, never fake or traced ones) kept per (B, T, device) for the next call (read only)."""
-    key = (batch, steps, device)
-    cu = _PADDED_OFFSETS.get(key) if keep else None
-    if cu is None:
-        cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
-        if keep:
-            if len(_PADDED_OFFSETS) >= 64:
-                _PADDED_OFFSETS.clear()
-            _PADDED_OFFSETS[key] = cu
-    return cu

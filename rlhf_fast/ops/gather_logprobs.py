@@ -3,7 +3,7 @@
 Flow: public function (validates, flattens to rows) -> custom op ``rlhf_fast::gather_logprobs``
 (fake impl + registered autograd, so it traces under torch.compile and passes opcheck) -> the
 backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/gather_logprobs.cpp),
-cuda (csrc/cuda/gather_logprobs.cu), triton (kernels/gather_logprobs.py).
+triton (kernels/gather_logprobs.py).
 
 Cost model, logits (N, V) in dtype of b bytes: the eager ``log_softmax(...).gather(...)`` reads the
 logits and writes an (N, V) fp32 log-softmax in the forward, then in the backward writes a zero
@@ -72,7 +72,6 @@ def _triton_backward(grad_lp, grad_ent, logits, labels, lse, entropy, temperatur
 
 OP.register("torch", _torch_forward, _torch_backward)
 OP.register("cpu", _native_forward, _native_backward)
-OP.register("cuda", _native_forward, _native_backward)
 OP.register("triton", _triton_forward, _triton_backward)
 
 
@@ -148,7 +147,7 @@ def gather_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
         ignore_index: label value marking positions to skip: their log-prob and entropy are 0 and they
             receive no gradient.
         return_entropy: also return ``H = -sum_j p_j log p_j`` of ``p = softmax(logits / temperature)``.
-        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
             the best available for the device (see :mod:`rlhf_fast.backends`).
 
     Returns:

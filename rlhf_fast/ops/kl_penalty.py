@@ -2,9 +2,9 @@
 
 Flow: public function (validates, views the inputs as rows) -> custom op ``rlhf_fast::kl_penalty``
 (fake impl + registered autograd, so it traces under torch.compile and passes opcheck) -> the
-backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/ppo_losses.cpp), cuda
-(csrc/cuda/ppo_losses.cu), triton (kernels/ppo_losses.py). The math is in
-csrc/include/rlhf_fast/ppo_losses_math.h (shared by the CPU and CUDA kernels).
+backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/ppo_losses.cpp),
+triton (kernels/ppo_losses.py). The math is in
+csrc/include/rlhf_fast/ppo_losses_math.h (the CPU kernels' math).
 
 Cost model, (B, T) inputs of b bytes each: the eager reference reads both inputs, upcasts, subtracts
 and applies the estimator in 2-6 ATen kernels (each a full pass writing an fp32 (B, T) temporary),
@@ -52,11 +52,6 @@ def _cpu_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
                                                        need_grad)
 
 
-def _cuda_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
-    # The CUDA kernels cap at the estimator's default (N.default_kl_cap), built in; the public
-    # function sends nothing else here.
-    return torch.ops.rlhf_fast_C.kl_penalty_fwd(logprobs, ref_logprobs, ESTIMATOR_CODES[estimator], clamp, need_grad)
-
 
 def _triton_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
     from rlhf_fast.kernels import ppo_losses as K
@@ -66,7 +61,6 @@ def _triton_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _cpu_forward)
-OP.register("cuda", _cuda_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -158,9 +152,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
             ``x = ±clamp`` and the gradient is 0.
         cap: ``"default"`` (10 for k3, none for the others), ``None`` (no cap) or a finite number
             ``k`` > 0 for every estimator: where ``|value| > k`` the value is ``±k`` and the gradient 0.
-            The cuda backend's kernels compute the default only; other values run on another backend
-            (explicitly asking for cuda raises).
-        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or
             the best available for the device (see :mod:`rlhf_fast.backends`).
 
     Returns:
@@ -185,8 +177,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1",
     cap = N.resolve_kl_cap("cap", cap, estimator)
     lp, ref = _rows(logprobs), _rows(ref_logprobs)
     name = OP.select([lp, ref], backend)
-    name = N.avoid_fixed_cuda("kl_penalty", name, backend, "torch",
-                              N.cuda_reasons("kl_penalty", kl_cap=cap, estimator=estimator))
     need_grad = logprobs.requires_grad and torch.is_grad_enabled()
     params = [float(ESTIMATOR_CODES[estimator]), clamp or 0.0, cap or 0.0, float(need_grad)]
     kl, _ = _kl_penalty_op(lp, ref, params, name)

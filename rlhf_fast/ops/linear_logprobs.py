@@ -3,7 +3,7 @@ materializing the (N, V) logits.
 
 Flow as for gather_logprobs: public function (validates, flattens) -> custom op
 ``rlhf_fast::linear_logprobs`` (fake impl + autograd) -> backend: torch (reference.py, materializes
-the logits: the eager baseline), cpu (csrc/cpu/linear_logprobs.cpp), cuda (csrc/cuda), triton
+the logits: the eager baseline), cpu (csrc/cpu/linear_logprobs.cpp), triton
 (kernels/linear_logprobs.py).
 
 Cost model, N tokens, hidden H, vocabulary V (fp32): eager ``hidden @ weight.T -> log_softmax ->
@@ -113,7 +113,6 @@ def _triton_limits(hidden, weight, *rest) -> list[str]:
 
 OP.register("torch", _torch_forward, _torch_backward)
 OP.register("cpu", _native_forward, _native_backward)
-OP.register("cuda", _native_forward, _native_backward)
 OP.register("triton", _triton_forward, _triton_backward, limits=_triton_limits)
 
 

@@ -8,12 +8,12 @@ Flow: public function (validates, builds per-row weights from the aggregation) -
 backward only scales those gradients by the upstream gradient) -> backend:
   torch   composition of the references; materializes the (N, V) logits (the eager baseline)
   cpu     csrc/cpu/linear_ppo_loss.cpp     } the tiled host algorithm of
-  cuda    csrc/cuda/linear_ppo_loss.cu     } csrc/include/rlhf_fast/linear_ppo_loss_tiled.h
+                                           } csrc/include/rlhf_fast/linear_ppo_loss_tiled.h
   triton  kernels/linear_ppo_loss.py: the Triton kernels of linear_logprobs (forward, then backward
           with the per-token gradients), the loss step in PyTorch element-wise ops
 
-Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu and
-cuda backends process rows in blocks spanning the vocabulary (one (rows x V) fp32 buffer of at most
+Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu
+backend processes rows in blocks spanning the vocabulary (one (rows x V) fp32 buffer of at most
 a quarter of the rows, see block_rows): per vocabulary chunk one GEMM for the logits and the fold; the per-token
 loss and gradient; then per chunk the gradient transform and two GEMMs into grad_hidden and
 grad_weight — 3 GEMMs per token instead of the 4 of linear_logprobs (forward + backward, which must
@@ -119,11 +119,6 @@ def _cpu_forward(*args):
     return torch.ops.rlhf_fast_C.linear_ppo_loss_clamped_fwd(*args)
 
 
-def _cuda_forward(*args):
-    # The CUDA kernels compute the default clamp and cap (N.LOG_RATIO_CLAMP, N.default_kl_cap), built
-    # in; the public function sends nothing else here.
-    return torch.ops.rlhf_fast_C.linear_ppo_loss_fwd(*args[:-2])
-
 
 def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_policy, kl_coef, kl_estimator,
                     entropy_coef, clip_low, clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows,
@@ -138,7 +133,6 @@ def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_pol
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _cpu_forward)
-OP.register("cuda", _cuda_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -309,8 +303,6 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs
     rows = rows.contiguous()
     w = weight.contiguous()
     name = OP.select([rows, w], backend)
-    name = N.avoid_fixed_cuda("linear_ppo_loss", name, backend, "torch",
-                              N.cuda_reasons("linear_ppo_loss", clamp, cap, kl_estimator))
     tile_rows = block_rows(rows.shape[0], w.shape[0], name)
     bias = None if bias is None else bias.contiguous()
     loss, sums, *_ = _linear_ppo_loss_op(rows, w, bias, lab, row_weight.float().contiguous(), old.contiguous(),

@@ -3,7 +3,7 @@ statistics, in one pass.
 
 Flow: public function (validates) -> custom op ``rlhf_fast::ppo_policy_loss`` (fake impl +
 registered autograd) -> the backend chosen by rlhf_fast.backends: torch (reference.py), cpu
-(csrc/cpu/ppo_losses.cpp), cuda (csrc/cuda/ppo_losses.cu), triton (kernels/ppo_losses.py). Per-token
+(csrc/cpu/ppo_losses.cpp), triton (kernels/ppo_losses.py). Per-token
 math: csrc/include/rlhf_fast/ppo_losses_math.h; aggregation modes: rlhf_fast/ops/_aggregation.py.
 
 The op boundary is the whole loss: one custom op returns the scalar loss, the statistics as one small
@@ -66,13 +66,6 @@ def _cpu_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_ep
                                                              norm_length, need_grad)
 
 
-def _cuda_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp,
-                  aggregation, num_items, num_items_int, norm_length, need_grad):
-    # The CUDA kernels clamp at N.LOG_RATIO_CLAMP, built in; the public function sends nothing else here.
-    return torch.ops.rlhf_fast_C.ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, clip_eps_low,
-                                                     clip_eps_high, dual_clip, A.AGG_CODES[aggregation], num_items,
-                                                     num_items_int, norm_length, need_grad)
-
 
 def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, log_ratio_clamp,
                     aggregation, num_items, num_items_int, norm_length, need_grad):
@@ -85,7 +78,6 @@ def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _cpu_forward)
-OP.register("cuda", _cuda_forward)
 OP.register("triton", _triton_forward)
 
 
@@ -180,9 +172,8 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
         log_ratio_clamp: ``c`` > 0, default 20 (as verl and OpenRLHF): the log-ratio is clamped to
             ``[-c, c]`` before ``exp``, so one stale or broken token cannot make the loss ~1e10 (at a
             log-ratio of 25 with ``A = -1``: 4.85e8 instead of 7.2e10). ``None``: no clamp (``exp``
-            overflows to inf past a log-ratio of about 88). The cuda backend's kernels compute the
-            default only; other values run on another backend (explicitly asking for cuda raises).
-        backend: ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or the best
+            overflows to inf past a log-ratio of about 88).
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default ``RLHF_FAST_BACKEND`` or the best
             available for the device (see :mod:`rlhf_fast.backends`).
 
     Returns:
@@ -218,7 +209,6 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
 
     need_grad = logprobs.requires_grad and torch.is_grad_enabled()
     name = OP.select([logprobs, old_logprobs, advantages, mask], backend)
-    name = N.avoid_fixed_cuda("ppo_policy_loss", name, backend, "torch", N.cuda_reasons("ppo_policy_loss", clamp))
     params = [eps_low, eps_high, dual_clip or 0.0, clamp or 0.0, float(agg), float(items_int), float(norm),
               float(need_grad)]
     loss, stats, _, _ = _ppo_policy_loss_op(logprobs, old_logprobs, advantages, mask, items, params, name)

@@ -2,7 +2,7 @@
 
 Flow: public function (validates) -> custom op ``rlhf_fast::value_loss`` (fake impl + registered
 autograd) -> the backend chosen by rlhf_fast.backends: torch (reference.py), cpu
-(csrc/cpu/ppo_losses.cpp), cuda (csrc/cuda/ppo_losses.cu), triton (kernels/ppo_losses.py). Per-token
+(csrc/cpu/ppo_losses.cpp), triton (kernels/ppo_losses.py). Per-token
 math: csrc/include/rlhf_fast/ppo_losses_math.h; aggregation modes: rlhf_fast/ops/_aggregation.py.
 
 Same boundary as ppo_policy_loss (see its module docstring): one custom op returns the loss, the
@@ -71,7 +71,6 @@ def _triton_forward(values, old_values, returns, mask, clip_eps, aggregation, nu
 
 OP.register("torch", _torch_forward)
 OP.register("cpu", _native_forward)
-OP.register("cuda", _native_forward)
 OP.register("triton", _triton_forward)
 
 

@@ -35,12 +35,9 @@
 // sequences in sequence order (deterministic whatever the thread count), then one pass over the
 // advantages.
 //
-// Threads: a helper thread must be woken, which costs tens of microseconds on an idle core and a
-// scheduler time slice on a busy one: measured at (256, 2048) while another process kept the second
-// core busy, at::parallel_for over two threads took 7 ms against 0.3 ms for one thread, because its
-// barrier waits for the late thread. The walk therefore runs on claim_parallel: the calling thread
-// starts at once and a helper that is late finds nothing left to do. The whitening pass, a plain
-// element-wise loop, takes one task per kGaeGrain positions.
+// Threads: the walk takes whole chunks of sequences per task of at::parallel_for from inputs of
+// kGaeThreadsMin positions up, one thread below (waking a helper costs about what it saves there). The
+// whitening pass, a plain element-wise loop, takes one task per kGaeGrain positions.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -48,7 +45,6 @@
 
 #include <rlhf_fast/gae_math.h>
 
-#include "claim_parallel.h"
 #include "gae.h"
 #include "register_kernel.h"
 #include "vec_utils.h"
@@ -62,11 +58,10 @@ inline namespace CPU_CAPABILITY {
 
 // Positions per parallel task of the whitening pass, at least (see "Threads" above).
 constexpr int64_t kGaeGrain = int64_t{1} << 20;
-// The walk: chunks of this many positions (whole sequences), claimed by the caller and helper threads
-// (claim_parallel.h) from inputs of kGaeThreadsMin positions up; one thread below. Waking the helper
-// costs about what it saves below that size: (256, 512) fp32 took 0.17 ms from cold caches with a helper
-// and 0.12-0.13 ms without (warm: 0.07-0.09 vs 0.07); at (256, 1024) the two are level, at (256, 2048)
-// the helper saves 10-15% cold and 30% warm.
+// The walk: tasks of this many positions (whole sequences), from inputs of kGaeThreadsMin positions up;
+// one thread below. Waking a helper costs about what it saves below that size: (256, 512) fp32 took
+// 0.17 ms from cold caches with a helper and 0.12-0.13 ms without (warm: 0.07-0.09 vs 0.07); at
+// (256, 1024) the two are level.
 constexpr int64_t kGaeChunk = int64_t{1} << 16;
 constexpr int64_t kGaeThreadsMin = int64_t{1} << 18;
 // Positions whose whitening sums are added in fp32 SIMD lanes before they are added in fp64.
@@ -421,7 +416,9 @@ void gae_fwd_impl(const at::Tensor& rewards, const at::Tensor& values, const at:
     if (total < kGaeThreadsMin) {
       for (int64_t c = 0; c < n_chunks; ++c) chunk(c);
     } else {
-      claim_parallel(n_chunks, chunk);
+      at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
+        for (int64_t c = first; c < last; ++c) chunk(c);
+      });
     }
   };
   // Streaming stores for large outputs aligned to whole blocks; the advantages stay in cache when the

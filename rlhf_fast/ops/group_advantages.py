@@ -10,8 +10,7 @@ Cost model, P prompts of K answers with b-byte scores: the eager formula TRL wri
 nanmean, nanstd, repeat_interleave, subtract, divide, nan_to_num) is ~15 launches, each writing a
 (P, K) or (P,) temporary; verl's per-answer Python loop is ~4 launches per answer (~130K at P = 4096,
 K = 8). The Triton kernel reads the scores and the mask once and writes the fp32 advantages once
-(b + 1 + 4 bytes per answer), plus one more pass for batch scaling. In plain eager mode the public
-function calls the backend directly (backends.plain_eager): no autograd to register.
+(b + 1 + 4 bytes per answer), plus one more pass for batch scaling.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from rlhf_fast import _validation as V
-from rlhf_fast.backends import op_registry, plain_eager
+from rlhf_fast.backends import op_registry
 from rlhf_fast.reference import (
     ADVANTAGE_ALLOWED_SCALES,
     ADVANTAGE_DEFAULT_SCALE,
@@ -171,6 +170,4 @@ def group_advantages(scores: Tensor, *, mode: str = "grpo", scale: str | None = 
         mask = (mask if mask.dtype == torch.bool else mask != 0).detach().contiguous()
     s = scores.detach().contiguous()
     name = OP.select([s], backend)
-    if plain_eager(s, *(t for t in (mask, group_ids) if t is not None)):
-        return OP.impl(name).forward(s, mask, group_ids, mode, scale, eps)
     return _group_advantages_op(s, mask, group_ids, mode, scale, eps, name)

@@ -40,7 +40,8 @@ class Samples:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, pad_id: int, eos_id: int | list[int], device) -> Samples:
-    """`num_samples` answers per prompt (rows grouped by prompt) from ``model.generate``. An answer ends at
+    """`num_samples` answers per prompt (rows grouped by prompt), sampled by :func:`rollout.fast_sample`
+    (``model.generate`` for the models its decode loop cannot serve, and for FSDP). An answer ends at
     its first stop token (`eos_id`: one id or several, e.g. the chat template's end of turn and eos), which
     it keeps; what follows is padding. The pad id may equal a stop id: the answer's length, not the pad id,
     decides what is padding.
@@ -56,18 +57,24 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
     model.eval()
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    from transformers import GenerationConfig
+    if synced:
+        from transformers import GenerationConfig
 
-    # an explicit config: the model's own generation_config.json (repetition penalty, top-k ...) would change
-    # the sampling distribution away from the one the log-probs are taken under
-    gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                               max_new_tokens=max_new_tokens, num_return_sequences=num_samples, use_cache=True,
-                               pad_token_id=pad_id, eos_token_id=stops)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                         **({"synced_gpus": True} if synced else {}))
+        # an explicit config: the model's own generation_config.json (repetition penalty, top-k ...) would
+        # change the sampling distribution away from the one the log-probs are taken under
+        gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                   max_new_tokens=max_new_tokens, num_return_sequences=num_samples, use_cache=True,
+                                   pad_token_id=pad_id, eos_token_id=stops)
+        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                             synced_gpus=True)[:, ids.shape[1]:]
+    else:  # the static-cache decode loop (rlhf_fast/pipeline/rollout.py); generate for models it cannot serve
+        from rlhf_fast.pipeline.rollout import fast_sample
+
+        gen = fast_sample(model, ids, mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, stop_ids=stops, pad_id=pad_id,
+                          return_logprobs=False).tokens
     model.train(was)
     p = ids.shape[1]
-    gen = out[:, p:]                                                    # (B, N)
     is_eos = torch.isin(gen, torch.tensor(stops, device=gen.device))
     # answer length: through the first eos, or all N tokens
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], gen.shape[1] - 1,

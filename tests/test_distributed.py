@@ -100,7 +100,8 @@ def make_ppo(out: Path, base: Path, **kw):
     tok = build_tokenizer()
     prompts, ptx = ppo_data()
     cfg = dict(output_dir=str(out), iterations=1, prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=6,
-               ppo_epochs=1, minibatch_size=4, ptx_batch_size=4, device="cpu", eval_every=0)
+               ppo_epochs=1, minibatch_size=4, ptx_batch_size=4, device="cpu", eval_every=0, lr=5e-4, critic_lr=1e-3,
+               temperature=1.0)
     cfg.update(kw)
     rm = C.load_scalar_model(str(base / "base2"), pad_token_id=tok.pad_token_id, seed=0)
     return PPOTrainer(PPOConfig(**cfg), policy=C.load_causal_lm(str(base / "base0")), reward_model=rm,
@@ -399,8 +400,8 @@ def worker(mode: str, out: Path) -> None:
         make_ppo(out / "ppo_lora", base, distributed="ddp", lora_r=4, lora_alpha=8).train()
         from rlhf_fast.pipeline.cli import main as cli_main  # last: the command ends the process group
 
-        rc = cli_main(["sft", "--distributed", "ddp", "--data", str(base / "sft.jsonl"), "--output_dir",
-                       str(out / "cli"), "--max-steps", "2", "--batch_size", "4", "--grad-accum", "2",
+        rc = cli_main(["sft", "--preset", "tiny", "--distributed", "ddp", "--data", str(base / "sft.jsonl"),
+                       "--output_dir", str(out / "cli"), "--max-steps", "2", "--batch_size", "4", "--grad-accum", "2",
                        "--eval_fraction", "0", "--log_every", "1", "--device", "cpu", "--quiet"])
         assert rc == 0
     elif mode == "fsdp":

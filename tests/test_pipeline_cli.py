@@ -88,7 +88,7 @@ def test_cli_sft_rm_ppo_round_trip(tmp_path, capsys):
     prompts = write(tmp_path, "prompts.jsonl", [json.dumps({"prompt": "write about music :"})] * 3)
     rules = tmp_path / "rules.py"
     rules.write_text("def ends(prompt, response):\n    return 1.0 if response.endswith('.') else 0.0\n")
-    (tmp_path / "sft.yaml").write_text("batch_size: 4\nepochs: 1\n")
+    (tmp_path / "sft.yaml").write_text("preset: tiny\nbatch_size: 4\nepochs: 1\n")  # the toy Llama
     assert cli_main(["sft", "--config", str(tmp_path / "sft.yaml"), "--data", str(sft), "--output_dir",
                      str(tmp_path / "sft"), "--max_steps", "2", "--device", "cpu", "--quiet"]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
@@ -111,7 +111,8 @@ def test_cli_sft_rm_ppo_round_trip(tmp_path, capsys):
     capsys.readouterr()
     # bad data: exit status 2 and the file, line and field on stderr
     bad = write(tmp_path, "bad.jsonl", [GOOD_SFT, '{"prompt": "x"}'])
-    assert cli_main(["sft", "--data", str(bad), "--output_dir", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert cli_main(["sft", "--preset", "tiny", "--data", str(bad), "--output_dir", str(tmp_path / "bad"),
+                     "--quiet"]) == 2
     assert "bad.jsonl:2: field 'response' is missing" in capsys.readouterr().err
 
 

@@ -49,3 +49,20 @@ def check_under_cpu_capability(cap: str, script: str) -> None:
     out = subprocess.run([sys.executable, "-c", check + script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
+
+
+class Killed(Exception):
+    """Raised by :func:`kill_after` in place of a trainer's step: a run killed mid-way."""
+
+
+def kill_after(trainer, n_steps: int) -> None:
+    """Make `trainer.step` raise Killed once it has run `n_steps` times."""
+    step = trainer.step
+    count = {"n": 0}
+
+    def wrapped(*a, **k):
+        if count["n"] == n_steps:
+            raise Killed
+        count["n"] += 1
+        return step(*a, **k)
+    trainer.step = wrapped

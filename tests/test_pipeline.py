@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Killed, kill_after
 
 pytest.importorskip("transformers")
 
@@ -221,20 +222,6 @@ def test_ppo_actor_with_an_lm_head_bias(tok, tmp_path):
     assert not torch.equal(biased.bias.detach(), bias_before)  # the bias got a gradient and moved
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(trainer, n_steps):
-    step = trainer.step
-    count = {"n": 0}
-
-    def wrapped(*a, **k):
-        if count["n"] == n_steps:
-            raise Killed
-        count["n"] += 1
-        return step(*a, **k)
-    trainer.step = wrapped
 
 
 def test_sft_resume_after_kill_equals_uninterrupted(tok, tmp_path):
@@ -248,7 +235,7 @@ def test_sft_resume_after_kill_equals_uninterrupted(tok, tmp_path):
     full = make("full")
     full.train()
     killed = make("killed")
-    _kill_after(killed, 5)  # checkpoints after steps 2 and 4, killed during step 6
+    kill_after(killed, 5)  # checkpoints after steps 2 and 4, killed during step 6
     with pytest.raises(Killed):
         killed.train()
     resumed = make("killed", resume=True)
@@ -264,7 +251,7 @@ def test_ppo_resume_after_kill_equals_uninterrupted(tok, tmp_path):
     full = _ppo(tok, tmp_path, "full", checkpoint_every=1)
     full.train()
     killed = _ppo(tok, tmp_path, "killed", checkpoint_every=1)
-    _kill_after(killed, 2)
+    kill_after(killed, 2)
     with pytest.raises(Killed):
         killed.train()
     resumed = _ppo(tok, tmp_path, "killed", checkpoint_every=1, resume=True)

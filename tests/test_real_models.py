@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Killed, kill_after
 
 pytest.importorskip("transformers")
 
@@ -127,19 +128,6 @@ def test_sft_trains_on_answer_tokens_and_pad_equal_eos(tok, tmp_path):
     assert stats["loss"] == pytest.approx(float(hand(ref)), rel=1e-5)
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(trainer, n):
-    step, count = trainer.step, {"n": 0}
-
-    def wrapped(*a, **k):
-        if count["n"] == n:
-            raise Killed
-        count["n"] += 1
-        return step(*a, **k)
-    trainer.step = wrapped
 
 
 def _same_params(a, b):
@@ -158,7 +146,7 @@ def test_sft_checkpoint_resume_with_tied_embeddings(tok, tmp_path):
     full = make("full")
     full.train()
     killed = make("killed")
-    _kill_after(killed, 2)
+    kill_after(killed, 2)
     with pytest.raises(Killed):
         killed.train()
     resumed = make("killed", resume=True)
@@ -223,7 +211,7 @@ def test_ppo_checkpoint_resume_with_lora_and_tied_embeddings(tok, tmp_path):
     full = _ppo(tok, tmp_path, "full", lora_r=4, checkpoint_every=1, iterations=3)
     full.train()
     killed = _ppo(tok, tmp_path, "killed", lora_r=4, checkpoint_every=1, iterations=3)
-    _kill_after(killed, 2)
+    kill_after(killed, 2)
     with pytest.raises(Killed):
         killed.train()
     resumed = _ppo(tok, tmp_path, "killed", lora_r=4, checkpoint_every=1, iterations=3, resume=True)

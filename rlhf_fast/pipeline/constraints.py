@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.pipeline.task import noisy_ranks
+
 SUBJECTS: tuple[tuple[str, str], ...] = (
     ("the ocean", "ocean"), ("coffee", "coffee"), ("a rainy day", "rain"), ("cats", "cat"), ("the moon", "moon"),
     ("a forest", "forest"), ("bread", "bread"), ("winter", "winter"), ("a city at night", "city"),
@@ -163,10 +165,4 @@ class ConstraintTask:
 
     def rank(self, prompt: str, responses: list[str], generator: torch.Generator) -> list[int]:
         """The simulated labeler: ranks (0 = best) by gold score + N(0, label_noise^2)."""
-        noisy = [self.gold_score(prompt, r) + self.label_noise * float(torch.randn((), generator=generator))
-                 for r in responses]
-        order = sorted(range(len(responses)), key=lambda i: -noisy[i])
-        ranks = [0] * len(responses)
-        for position, i in enumerate(order):
-            ranks[i] = position
-        return ranks
+        return noisy_ranks([self.gold_score(prompt, r) for r in responses], self.label_noise, generator)

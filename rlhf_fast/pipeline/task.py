@@ -153,13 +153,17 @@ class TopicTask:
 
     def rank(self, prompt: str, responses: list[str], generator: torch.Generator) -> list[int]:
         """The simulated labeler: ranks (0 = best) of `responses` by gold score + N(0, label_noise^2)."""
-        noisy = [self.gold_score(prompt, r) + self.label_noise * float(torch.randn((), generator=generator))
-                 for r in responses]
-        order = sorted(range(len(responses)), key=lambda i: -noisy[i])
-        ranks = [0] * len(responses)
-        for position, i in enumerate(order):
-            ranks[i] = position
-        return ranks
+        return noisy_ranks([self.gold_score(prompt, r) for r in responses], self.label_noise, generator)
+
+
+def noisy_ranks(scores: list[float], noise: float, generator: torch.Generator) -> list[int]:
+    """Ranks (0 = best) of answers by score + N(0, noise^2): a simulated labeler who disagrees now and then."""
+    noisy = [s + noise * float(torch.randn((), generator=generator)) for s in scores]
+    order = sorted(range(len(scores)), key=lambda i: -noisy[i])
+    ranks = [0] * len(scores)
+    for position, i in enumerate(order):
+        ranks[i] = position
+    return ranks
 
 
 def sft_examples(task: TopicTask, n: int, generator: torch.Generator) -> list[dict]:

@@ -511,7 +511,7 @@ def test_loaders_take_the_config_options(tmp_path):
 def test_todays_trainer_encoders_take_plain_rows_of_any_source(tmp_path):
     """The SFT / RM / PPO encoders read plain rows loaded from Parquet in TRL's formats."""
     pytest.importorskip("transformers")
-    from rlhf_fast.pipeline.data import Encoder
+    from rlhf_fast.pipeline.chat import Encoder
     from rlhf_fast.pipeline.reward import encode_ranked
     from rlhf_fast.pipeline.sft import encode_lm
     from rlhf_fast.pipeline.task import build_tokenizer

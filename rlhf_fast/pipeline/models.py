@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -152,11 +153,9 @@ def convert_gguf(gguf: Path, target: Path, progress: bool = True) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf  # noqa: F401  transformers' GGUF reader needs it
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:  # transformers' GGUF reader needs it
         raise ModelFetchError("reading the GGUF copy of the default model needs the 'gguf' package "
-                              "(pip install gguf, or rlhf-fast[pipeline])") from None
+                              "(pip install gguf, or rlhf-fast[pipeline])")
     _say(progress, f"converting {gguf.name} (Q4_1, dequantized to fp32) into {target}")
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:

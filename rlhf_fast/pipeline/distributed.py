@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,8 +318,9 @@ def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: l
     targets = list(target_modules) if target_modules else "all-linear"
     cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
                      task_type=task_type, bias="none")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes about peft's calls
         return get_peft_model(model, cfg)
 
 

@@ -157,6 +157,7 @@ def convert_gguf(gguf: Path, target: Path, progress: bool = True) -> Path:
         raise ModelFetchError("reading the GGUF copy of the default model needs the 'gguf' package "
                               "(pip install gguf, or rlhf-fast[pipeline])")
     _say(progress, f"converting {gguf.name} (Q4_1, dequantized to fp32) into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         with quiet_transformers():

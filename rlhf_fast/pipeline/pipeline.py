@@ -89,24 +89,33 @@ def task_data(cfg: PipelineConfig, task) -> dict:
 
 
 @torch.no_grad()
+def sampled_answers(model, tokenizer, encoder, prompts: list[str], *, k: int, max_new_tokens: int,
+                    temperature: float, seed: int, device, batch: int, desc: str, progress: bool):
+    """(prompt, its `k` sampled answer texts) for every prompt, sampled in batches of `batch` prompts, each
+    batch seeded from (`seed`, its first prompt's index)."""
+    for start in C.progress_range(len(prompts), batch, desc, progress):
+        chunk = prompts[start: start + batch]
+        s = policy_samples(model, tokenizer, encoder, chunk, num_samples=k, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=1.0, seed=C.step_seed(seed, start), device=device)
+        texts = s.texts(tokenizer)
+        for i, p in enumerate(chunk):
+            yield p, texts[i * k:(i + 1) * k]
+
+
 def best_of_k_demonstrations(model, tokenizer, encoder, task, prompts: list[str], *, k: int, max_new_tokens: int,
                              temperature: float, seed: int, device, batch: int = 32, progress: bool = False
                              ) -> list[dict]:
     """For each prompt, the best of `k` answers `model` samples, under the task's gold rubric."""
     rows = []
-    for start in C.progress_range(len(prompts), batch, "demonstrations", progress):
-        chunk = prompts[start: start + batch]
-        s = policy_samples(model, tokenizer, encoder, chunk, num_samples=k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=1.0, seed=C.step_seed(seed, 300, start), device=device)
-        texts = s.texts(tokenizer)
-        for i, p in enumerate(chunk):
-            answers = texts[i * k:(i + 1) * k]
-            best = max(range(k), key=lambda j: task.gold_score(p, answers[j]))
-            rows.append({"prompt": p, "completion": answers[best], "gold": task.gold_score(p, answers[best])})
+    for p, answers in sampled_answers(model, tokenizer, encoder, prompts, k=k, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, seed=C.step_seed(seed, 300), device=device,
+                                      batch=batch, desc="demonstrations", progress=progress):
+        gold = [task.gold_score(p, a) for a in answers]
+        best = max(range(k), key=gold.__getitem__)
+        rows.append({"prompt": p, "completion": answers[best], "gold": gold[best]})
     return rows
 
 
-@torch.no_grad()
 def label_comparisons(policy, tokenizer, encoder, task, prompts: list[str], *, k_min: int, k_max: int,
                       max_new_tokens: int, temperature: float, seed: int, device, batch: int = 32,
                       progress: bool = False) -> list[dict]:
@@ -115,15 +124,11 @@ def label_comparisons(policy, tokenizer, encoder, task, prompts: list[str], *, k
         raise ValueError(f"k_min/k_max: need 2 <= k_min <= k_max, got {k_min}, {k_max}")
     g = torch.Generator().manual_seed(C.step_seed(seed, 200))
     rows = []
-    for start in C.progress_range(len(prompts), batch, "comparisons", progress):
-        chunk = prompts[start: start + batch]
-        s = policy_samples(policy, tokenizer, encoder, chunk, num_samples=k_max, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=1.0, seed=C.step_seed(seed, 201, start), device=device)
-        texts = s.texts(tokenizer)
-        for i, p in enumerate(chunk):
-            k = int(torch.randint(k_min, k_max + 1, (1,), generator=g))
-            answers = texts[i * k_max: i * k_max + k]
-            rows.append({"prompt": p, "responses": answers, "ranking": task.rank(p, answers, g)})
+    for p, texts in sampled_answers(policy, tokenizer, encoder, prompts, k=k_max, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, seed=C.step_seed(seed, 201), device=device,
+                                    batch=batch, desc="comparisons", progress=progress):
+        answers = texts[: int(torch.randint(k_min, k_max + 1, (1,), generator=g))]
+        rows.append({"prompt": p, "responses": answers, "ranking": task.rank(p, answers, g)})
     return rows
 
 

@@ -62,7 +62,7 @@ gpu-check:
 	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out "$(GPU_OUT)" $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 lint: install
-	$(PY) -m ruff check rlhf_fast kernels tests bench setup.py
+	$(PY) -m ruff check rlhf_fast tests bench tools setup.py
 
 clean:
 	rm -rf build $(VENV) rlhf_fast/_C*.so *.egg-info

@@ -19,13 +19,11 @@ import shutil
 
 from setuptools import find_packages, setup
 
-# Every package under rlhf_fast/ (ops, pipeline, integrations, bench, ...) is found, not listed, so a new
-# subpackage cannot be left out of the wheel. kernels/ holds the Triton kernels; it is installed as
-# rlhf_fast.kernels (with any subpackage of its own), never as a top-level `kernels` (that name is taken on
-# the package index). bench/ (pytest-benchmark suites) and tests/ stay in the source checkout.
-PACKAGES = (find_packages(include=["rlhf_fast", "rlhf_fast.*"])
-            + ["rlhf_fast.kernels"] + [f"rlhf_fast.kernels.{p}" for p in find_packages("kernels")])
-PACKAGE_DIR = {"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"}
+# Every package under rlhf_fast/ (ops, kernels, pipeline, integrations, bench, ...) is found, not listed, so a
+# new subpackage cannot be left out of the wheel. Nothing installs at the top level but rlhf_fast (a top-level
+# `kernels` would shadow the package of that name that transformers imports). bench/ (pytest-benchmark
+# suites) and tests/ stay in the source checkout.
+PACKAGES = find_packages(include=["rlhf_fast", "rlhf_fast.*"])
 
 # Per-capability compiler flags, matching the ones ATen uses for its own kernels. A source named
 # `*.avx2.cpp` is compiled with these flags and `CPU_CAPABILITY=AVX2`, so at::vec::Vectorized
@@ -125,7 +123,6 @@ ext_modules, cmdclass = _native_extensions()
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

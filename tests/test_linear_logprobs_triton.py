@@ -1,4 +1,4 @@
-"""linear_logprobs on the triton backend (kernels/linear_logprobs.py, run by Triton's interpreter on
+"""linear_logprobs on the triton backend (rlhf_fast/kernels/linear_logprobs.py, run by Triton's interpreter on
 CPU: conftest sets TRITON_INTERPRET=1) against rlhf_fast.reference.linear_logprobs_ref: outputs and
 the gradients of hidden, weight and bias, for fp32 / fp16 / bf16, H in {8, 64, 100}, V in {1, 1000,
 32001}, 3-D hidden, ignored rows (and whole ignored row blocks), temperature, softcap, bias, tied

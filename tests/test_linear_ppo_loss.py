@@ -293,7 +293,7 @@ def test_bad_bias():
 
 
 def test_gpu_backends_registered():
-    """triton (kernels/linear_ppo_loss.py) is the op's GPU backend; an explicit cuda request names why it
+    """triton (rlhf_fast/kernels/linear_ppo_loss.py) is the op's GPU backend; an explicit cuda request names why it
     cannot run (there is no CUDA kernel of this op)."""
     from rlhf_fast.ops.linear_ppo_loss import OP
 

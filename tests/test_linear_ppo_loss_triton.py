@@ -1,11 +1,11 @@
-"""linear_ppo_loss on the triton backend (kernels/linear_ppo_loss.py: linear_logprobs' Triton kernels
+"""linear_ppo_loss on the triton backend (rlhf_fast/kernels/linear_ppo_loss.py: linear_logprobs' Triton kernels
 run by Triton's interpreter on CPU -- conftest sets TRITON_INTERPRET=1 -- plus the loss step in
 PyTorch) against the torch backend (the composition of the references) on the same inputs: the loss,
 every statistic and the gradients of hidden, ptx_hidden, weight and bias, for fp32 and fp16, masks,
 ignored ptx labels, a fully masked batch and the no-grad path.
 
 Shapes are chosen for the interpreter's tiles (BLOCK_M = 32 rows, BLOCK_N = 512 vocabulary entries,
-BLOCK_K = 32, kernels/linear_logprobs.py: INTERPRET): 27 policy + 14 ptx rows are two row blocks,
+BLOCK_K = 32, rlhf_fast/kernels/linear_logprobs.py: INTERPRET): 27 policy + 14 ptx rows are two row blocks,
 V = 1000 two vocabulary tiles (and two forward splits), H = 40 a ragged second K step. fp32 inputs run
 tf32x3 dots on a GPU and numpy matmuls here; fp16 rounds dL/dlogits to fp16 before the gradient
 GEMMs, as an eager fp16 backward does, hence its looser gradient tolerance.

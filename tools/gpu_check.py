@@ -12,8 +12,7 @@ into build/gpu-check-site, nothing installed system-wide).
 Sections, in order:
   env       python, torch, CUDA, triton, nvcc, the device (name, capability, SMs, memory), optional peers
   deps      pytest and ninja importable / on PATH, from tools/wheels/ when missing
-  install   rlhf_fast importable as a package (rlhf_fast.kernels maps to kernels/): the editable install
-            `pip install --no-build-isolation --no-deps -e .`, or a path hook when pip cannot do it
+  install   rlhf_fast importable from the checkout (it is on every section's PYTHONPATH; nothing installed)
   build     `setup.py build_ext --inplace` with TORCH_CUDA_ARCH_LIST = this GPU's capability, MAX_JOBS = cores
   tests     pytest on the GPU (TRITON_INTERPRET=0): the tests whose name says gpu, i.e. tests/test_gpu_ops.py
             (every op, every GPU backend, fp32/bf16/fp16, awkward shapes, forward and every gradient) and
@@ -49,7 +48,7 @@ from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "tools" / "wheels"
-SITE = ROOT / "build" / "gpu-check-site"  # unpacked wheels and the path hook (build/ is ignored by git)
+SITE = ROOT / "build" / "gpu-check-site"  # unpacked wheels (build/ is ignored by git)
 LOG_CAP = 2 * 2**20  # bytes of each section log kept (its tail): every output file stays far under 16 MB
 
 # Benchmark suites in the order they run (the most used ops first) and the seconds each may take on the GPU.
@@ -189,34 +188,15 @@ class Check:
             s.status, s.reason = "failed", _last_line(proc.stderr + ninja_ok.stderr) or "pytest or ninja unusable"
 
     def install_section(self, s: Section, budget: float) -> None:
+        # the checkout is on every section's PYTHONPATH: rlhf_fast (kernels included) imports from it as it
+        # is, nothing is installed; the native extension is built in place by the next section
         probe = "import rlhf_fast, rlhf_fast.kernels, rlhf_fast.cli; print(rlhf_fast.__file__)"
         proc = self.python(probe, s, 60)
         if proc is not None and proc.returncode == 0 and str(ROOT) in proc.stdout:
-            s.data["how"] = "already importable from this checkout"
+            s.data["how"] = "imported from this checkout (PYTHONPATH)"
             return
-        if self.dry_run:
-            # the editable install is what `make install` did here; a dry run must not reinstall it
-            s.status, s.reason = "failed", "rlhf_fast is not importable from this checkout: run make install"
-            return
-        env = dict(self.env, RLHF_FAST_SKIP_NATIVE="1")  # the extension is built in place by the next section
-        proc = self.run(s, [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
-                            "--no-index", "-e", "."], budget - 20, env=env)
-        ok = proc is not None and proc.returncode == 0
-        if ok:
-            check = self.python(probe, s, 30)
-            ok = check is not None and check.returncode == 0
-        if ok:
-            s.data["how"] = "pip install --no-build-isolation --no-deps -e ."
-            return
-        # pip missing or too old a setuptools: a path hook in build/gpu-check-site maps rlhf_fast.kernels
-        SITE.mkdir(parents=True, exist_ok=True)
-        (SITE / "sitecustomize.py").write_text(PATH_HOOK.format(root=str(ROOT)))
-        check = self.python(probe, s, 30)
-        if check is not None and check.returncode == 0:
-            s.data["how"] = "path hook build/gpu-check-site/sitecustomize.py (pip install -e failed; see the log)"
-            s.data["console_script"] = False
-            return
-        s.status, s.reason = "failed", "rlhf_fast not importable (pip install -e and the path hook both failed)"
+        why = _last_line(proc.stderr or proc.stdout) if proc is not None else "the probe did not finish"
+        s.status, s.reason = "failed", f"rlhf_fast is not importable from this checkout: {why}"
 
     def build_section(self, s: Section, budget: float) -> None:
         arch = self.sections[0].data.get("capability") if self.sections else None
@@ -435,26 +415,6 @@ print(json.dumps({"native": rlhf_fast.has_native(), "cuda_reasons": avail.get("c
                   "triton_reasons": avail.get("triton", []),
                   "extension": __import__("rlhf_fast._C").__file__ if rlhf_fast.has_native() else None}))
 """
-
-# build/gpu-check-site/sitecustomize.py when `pip install -e .` is impossible: setup.py maps kernels/ to the
-# package rlhf_fast.kernels; this finder does the same for every process started with that PYTHONPATH.
-PATH_HOOK = '''import importlib.machinery
-import sys
-
-
-class _RlhfFastKernels:
-    """rlhf_fast.kernels is kernels/ of the checkout (as setup.py's package_dir maps it)."""
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name == "rlhf_fast.kernels":
-            return importlib.machinery.PathFinder.find_spec(name, [{root!r}])
-        return None
-
-
-sys.meta_path.insert(0, _RlhfFastKernels)
-'''
-
 
 # ---------------------------------------------------------------------------------------------
 # Parsing what the tools wrote

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# Codes passed to the kernels (ppo::Aggregation in ppo_losses_math.h, AGG_* in kernels/ppo_losses.py).
+# Codes passed to the kernels (ppo::Aggregation in ppo_losses_math.h, AGG_* in rlhf_fast/kernels/ppo_losses.py).
 AGG_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
 NUM_ITEMS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64)

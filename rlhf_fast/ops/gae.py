@@ -3,7 +3,7 @@
 Flow: public function (validates, flattens to packed form) -> custom op ``rlhf_fast::gae`` (fake impl,
 no autograd: GAE is computed from detached rewards and values) -> the backend chosen by
 rlhf_fast.backends: torch (reference.gae_ref), cpu (csrc/cpu/gae.cpp),
-triton (kernels/gae.py). Every backend sees packed sequences: rewards, values, mask (N,) and
+triton (rlhf_fast/kernels/gae.py). Every backend sees packed sequences: rewards, values, mask (N,) and
 cu_seqlens (S+1,) int64; the padded form (B, T) is the packed form with cu_seqlens = arange(B+1) * T.
 
 Cost model, (B, T) = (256, 2048): the Python loop trainers write (reference.gae_loop_ref) launches

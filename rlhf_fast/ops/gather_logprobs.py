@@ -3,7 +3,7 @@
 Flow: public function (validates, flattens to rows) -> custom op ``rlhf_fast::gather_logprobs``
 (fake impl + registered autograd, so it traces under torch.compile and passes opcheck) -> the
 backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/gather_logprobs.cpp),
-triton (kernels/gather_logprobs.py).
+triton (rlhf_fast/kernels/gather_logprobs.py).
 
 Cost model, logits (N, V) in dtype of b bytes: the eager ``log_softmax(...).gather(...)`` reads the
 logits and writes an (N, V) fp32 log-softmax in the forward, then in the backward writes a zero

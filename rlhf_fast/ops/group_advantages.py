@@ -2,7 +2,7 @@
 
 Flow: public function (validates, resolves the scale) -> custom op ``rlhf_fast::group_advantages`` (fake
 impl, no autograd: advantages are constants of the policy loss) -> the backend chosen by
-rlhf_fast.backends: torch (reference.group_advantages_ref), triton (kernels/group_advantages.py; the
+rlhf_fast.backends: torch (reference.group_advantages_ref), triton (rlhf_fast/kernels/group_advantages.py; the
 (P, K) layout, K <= 4096). There is no cpu/cuda kernel: on the CPU the reference is the backend (see
 bench/bench_group_advantages.py for what it costs against the formulas of TRL and verl).
 

@@ -3,7 +3,7 @@
 Flow: public function (validates, views the inputs as rows) -> custom op ``rlhf_fast::kl_penalty``
 (fake impl + registered autograd, so it traces under torch.compile and passes opcheck) -> the
 backend chosen by rlhf_fast.backends: torch (reference.py), cpu (csrc/cpu/ppo_losses.cpp),
-triton (kernels/ppo_losses.py). The math is in
+triton (rlhf_fast/kernels/ppo_losses.py). The math is in
 csrc/include/rlhf_fast/ppo_losses_math.h (the CPU kernels' math).
 
 Cost model, (B, T) inputs of b bytes each: the eager reference reads both inputs, upcasts, subtracts

@@ -4,7 +4,7 @@ materializing the (N, V) logits.
 Flow as for gather_logprobs: public function (validates, flattens) -> custom op
 ``rlhf_fast::linear_logprobs`` (fake impl + autograd) -> backend: torch (reference.py, materializes
 the logits: the eager baseline), cpu (csrc/cpu/linear_logprobs.cpp), triton
-(kernels/linear_logprobs.py).
+(rlhf_fast/kernels/linear_logprobs.py).
 
 Cost model, N tokens, hidden H, vocabulary V (fp32): eager ``hidden @ weight.T -> log_softmax ->
 gather`` holds the (N, V) logits, their log-softmax and, in the backward, two more (N, V) buffers:

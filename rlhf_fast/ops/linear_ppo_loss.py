@@ -9,7 +9,7 @@ backward only scales those gradients by the upstream gradient) -> backend:
   torch   composition of the references; materializes the (N, V) logits (the eager baseline)
   cpu     csrc/cpu/linear_ppo_loss.cpp     } the tiled host algorithm of
                                            } csrc/include/rlhf_fast/linear_ppo_loss_tiled.h
-  triton  kernels/linear_ppo_loss.py: the Triton kernels of linear_logprobs (forward, then backward
+  triton  rlhf_fast/kernels/linear_ppo_loss.py: the Triton kernels of linear_logprobs (forward, then backward
           with the per-token gradients), the loss step in PyTorch element-wise ops
 
 Cost: every token's loss is local, so its gradient is known as soon as its log-prob is. The cpu

@@ -3,7 +3,7 @@ statistics, in one pass.
 
 Flow: public function (validates) -> custom op ``rlhf_fast::ppo_policy_loss`` (fake impl +
 registered autograd) -> the backend chosen by rlhf_fast.backends: torch (reference.py), cpu
-(csrc/cpu/ppo_losses.cpp), triton (kernels/ppo_losses.py). Per-token
+(csrc/cpu/ppo_losses.cpp), triton (rlhf_fast/kernels/ppo_losses.py). Per-token
 math: csrc/include/rlhf_fast/ppo_losses_math.h; aggregation modes: rlhf_fast/ops/_aggregation.py.
 
 The op boundary is the whole loss: one custom op returns the scalar loss, the statistics as one small

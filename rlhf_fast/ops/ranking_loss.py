@@ -4,7 +4,7 @@ Flow: public functions (validate; pairwise_loss stacks (chosen, rejected) into (
 custom op ``rlhf_fast::ranking_loss`` (fake impl + registered autograd, so it traces under
 torch.compile and passes opcheck) -> the backend chosen by rlhf_fast.backends: torch
 (reference.ranking_loss_ref), cpu (csrc/cpu/ranking_loss.cpp), cuda (csrc/cuda/ranking_loss.cu),
-triton (kernels/ranking_loss.py). The pair math is rlhf_fast/ranking_math.h.
+triton (rlhf_fast/kernels/ranking_loss.py). The pair math is rlhf_fast/ranking_math.h.
 
 Cost model, P prompts of K candidates: the eager vectorized loss builds (P, K, K) fp32 pair matrices
 (differences, softplus, masks: ~10 of them, 40 bytes * P * K^2 moved, ~15 kernel launches forward and

@@ -2,7 +2,7 @@
 
 Flow: public function (validates) -> custom op ``rlhf_fast::value_loss`` (fake impl + registered
 autograd) -> the backend chosen by rlhf_fast.backends: torch (reference.py), cpu
-(csrc/cpu/ppo_losses.cpp), triton (kernels/ppo_losses.py). Per-token
+(csrc/cpu/ppo_losses.cpp), triton (rlhf_fast/kernels/ppo_losses.py). Per-token
 math: csrc/include/rlhf_fast/ppo_losses_math.h; aggregation modes: rlhf_fast/ops/_aggregation.py.
 
 Same boundary as ppo_policy_loss (see its module docstring): one custom op returns the loss, the

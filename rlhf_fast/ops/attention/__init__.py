@@ -6,7 +6,7 @@ Flow, per entry point: public function (validates, documents shapes) -> custom o
 (fake impl + registered autograd whose backward is a second custom op, so all three trace under
 torch.compile and pass opcheck) -> the backend chosen by rlhf_fast.backends:
 
-  triton  kernels/attention.py: flash-attention-2 (tiled online softmax, logsumexp saved, backward by
+  triton  rlhf_fast/kernels/attention.py: flash-attention-2 (tiled online softmax, logsumexp saved, backward by
           recomputation), one kernel family for all three entry points, driven by segment tables
   cpu     PyTorch's fused flash-attention CPU kernel (the one F.scaled_dot_product_attention runs),
           composed: bottom-right causal alignment and shared prefixes are split into calls whose
@@ -14,7 +14,7 @@ torch.compile and pass opcheck) -> the backend chosen by rlhf_fast.backends:
           answer is ever built (registered with native=False: it needs no rlhf_fast._C kernel)
   torch   rlhf_fast/reference.py: the plain math, for tests and as the fallback of last resort
 
-Cost model: see kernels/attention.py. In short, eager attention writes and reads (T, S) fp32 scores and
+Cost model: see rlhf_fast/kernels/attention.py. In short, eager attention writes and reads (T, S) fp32 scores and
 probabilities several times per head; the fused kernels keep them on chip, save one fp32 logsumexp per
 query row, and recompute the probabilities in the backward.
 

@@ -65,7 +65,7 @@ def _seq_view(x: Tensor, lo: int, hi: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend (kernels/attention.py) on packed sequences: varlen and shared-prefix
+# triton backend (rlhf_fast/kernels/attention.py) on packed sequences: varlen and shared-prefix
 # ---------------------------------------------------------------------------------------------
 
 def _packed4(x: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ OP = op_registry("attention")
 
 
 # ---------------------------------------------------------------------------------------------
-# Segment tables (the Triton kernels' description of who attends to whom; see kernels/attention.py).
+# Segment tables (the Triton kernels' description of who attends to whom; see rlhf_fast/kernels/attention.py).
 # Query segments [batch, q_lo, q_hi, ka_lo, ka_hi, kb_lo, kb_hi, diag]: queries i in [q_lo, q_hi) see
 # all keys of [ka_lo, ka_hi) and the keys j in [kb_lo, kb_hi) with j <= i + diag (causal). Key segments
 # [batch, k_lo, k_hi, qa_lo, qa_hi, qb_lo, qb_hi, diag]: the same relation seen from the keys.
@@ -158,7 +158,7 @@ def _cpu_dense_backward(dout, q, k, v, out, lse, key_mask, causal, scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend (kernels/attention.py)
+# triton backend (rlhf_fast/kernels/attention.py)
 # ---------------------------------------------------------------------------------------------
 
 def _triton_forward(q, k, v, key_mask, causal, scale):

@@ -292,7 +292,7 @@ def _cpu_shared_backward(dout, q, k, v, out, lse, q_seg, k_seg, max_q, max_k, sc
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend (kernels/attention.py)
+# triton backend (rlhf_fast/kernels/attention.py)
 # ---------------------------------------------------------------------------------------------
 
 def _triton_shared_forward(q, k, v, q_seg, k_seg, max_q, max_k, scale):

@@ -97,7 +97,7 @@ def _cpu_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, caus
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend (kernels/attention.py)
+# triton backend (rlhf_fast/kernels/attention.py)
 # ---------------------------------------------------------------------------------------------
 
 def _triton_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):

@@ -269,7 +269,7 @@ def find_nvcc() -> str | None:
 def cuda_sources() -> list[Path]:
     """csrc/cuda/*.cu of the source checkout this package is installed from (editable install); [] for a
     wheel, which ships no sources."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # rlhf_fast/kernels/_inspect.py -> the checkout
     return sorted((root / "csrc" / "cuda").glob("*.cu"))
 
 

@@ -6,7 +6,7 @@ all fp32 / bf16 / fp16 and contiguous; labels (R,) int64 (range-checked by the c
 old, adv (R,) fp32 and ref (R,) fp32 or None. Codes and sums as rlhf_fast/ops/linear_ppo_loss.py.
 
 Flow, per call:
-  1. linear_logprobs_fwd (kernels/linear_logprobs.py): log-prob, entropy and lse of every kept row
+  1. linear_logprobs_fwd (rlhf_fast/kernels/linear_logprobs.py): log-prob, entropy and lse of every kept row
      (label kept and weight != 0), one fused GEMM + online-softmax pass over the vocabulary;
   2. the per-token loss terms, g_lp = dL/dlogprob and g_h = dL/dentropy, and the 13 statistics sums
      (float64), in PyTorch element-wise ops over R values -- the formulas of

@@ -19,47 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rlhf_fast.pipeline.formats import Rows, load_examples
+from rlhf_fast.pipeline.jsonl import DataError, iter_jsonl, read_jsonl  # noqa: F401  (re-exported)
+
 IGNORE = -100
-
-
-class DataError(ValueError):
-    """Bad user data: the message names the file, the line and the field."""
-
-
-def iter_jsonl(path: str | Path):
-    """(where, object) of each JSON line of `path`, read lazily; `where` is ``file:line``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    seen = False
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            seen = True
-            yield f"{p}:{lineno}", obj
-    if not seen:
-        raise DataError(f"{p}: the file is empty (no JSON lines)")
-
-
-def read_jsonl(path: str | Path, required: dict[str, type]) -> list[dict]:
-    """Objects of a JSONL file, each checked to have the `required` fields of the given types."""
-    rows = []
-    for where, obj in iter_jsonl(path):
-        for name, tp in required.items():
-            if name not in obj:
-                raise DataError(f"{where}: field {name!r} is missing")
-            if not isinstance(obj[name], tp):
-                raise DataError(f"{where}: field {name!r} must be {tp.__name__}, got {type(obj[name]).__name__}")
-        obj["_where"] = where
-        rows.append(obj)
-    return rows
 
 
 # The stage loaders read every format of rlhf_fast.pipeline.formats (TRL's standard formats, plain or
@@ -79,8 +42,6 @@ def _with_legacy_response(rows, legacy_response: bool):
             r["response"] = r["completion"]
         return r
 
-    from rlhf_fast.pipeline.formats import Rows
-
     if isinstance(rows, Rows):
         inner = rows
         return Rows(lambda: (add(r) for r in inner), inner.where)
@@ -90,8 +51,6 @@ def _with_legacy_response(rows, legacy_response: bool):
 def load_sft(path, *, format=None, split=None, subset=None, columns=None, streaming=False,
              legacy_response=True):
     """SFT rows: language modeling ({"text"} / {"messages"}) or prompt-completion ({"prompt", "completion"})."""
-    from rlhf_fast.pipeline.formats import load_examples
-
     rows = load_examples(path, stage="sft", format=format, split=split, subset=subset, columns=columns,
                          streaming=streaming)
     return _with_legacy_response(rows, legacy_response)
@@ -99,8 +58,6 @@ def load_sft(path, *, format=None, split=None, subset=None, columns=None, stream
 
 def load_prompts(path, *, format=None, split=None, subset=None, columns=None, streaming=False):
     """PPO prompts ({"prompt"}): prompt-only data, or the prompt of any other format."""
-    from rlhf_fast.pipeline.formats import load_examples
-
     return load_examples(path, stage="ppo", format=format, split=split, subset=subset, columns=columns,
                          streaming=streaming)
 
@@ -109,8 +66,6 @@ def load_ranked(path, *, format=None, split=None, subset=None, columns=None, mer
     """Reward-model rows {"prompt", "responses", "ranking", "margin"}: ranked data (K >= 2, ties allowed,
     ``ranking[i]`` the rank of ``responses[i]``, 0 = best) or preference pairs (K = 2; ``merge_pairs=True``
     merges consistent pairs of a prompt into one ranking)."""
-    from rlhf_fast.pipeline.formats import load_examples
-
     return load_examples(path, stage="rm", format=format, split=split, subset=subset, columns=columns,
                          merge_pairs=merge_pairs)
 
@@ -119,8 +74,6 @@ def load_ptx(path, *, format=None, split=None, subset=None, columns=None, stream
              legacy_response=True):
     """ptx rows: {"text"} / {"messages"} (every token / every assistant token counts) or
     {"prompt", "completion"} (the completion's tokens count)."""
-    from rlhf_fast.pipeline.formats import load_examples
-
     rows = load_examples(path, stage="ptx", format=format, split=split, subset=subset, columns=columns,
                          streaming=streaming)
     return _with_legacy_response(rows, legacy_response)

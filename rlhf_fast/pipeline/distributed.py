@@ -23,21 +23,19 @@ decides how the pipeline's trainers use it:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlhf_fast.pipeline import common as C
+
 MODES = ("none", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
-SHARDED_DIR = "sharded"   # DCP shards (safetensors) inside <stage>/checkpoint for distributed="fsdp"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,18 +304,32 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def apply_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str], task_type: str,
-               seed: int = 0):
+               seed: int = 0, last_layers: int = 0):
     """``peft.get_peft_model`` with a LoRA adapter "default" (``task_type`` "CAUSAL_LM" or "SEQ_CLS"; for
     SEQ_CLS the scalar head ``score`` is trained in full as a module to save). The base weights are frozen;
     ``with model.disable_adapter():`` gives the base model back without a second copy. The adapters' initial
-    weights are drawn from `seed`, not from the global RNG: the same in every rank and in a resumed run."""
+    weights are drawn from `seed`, not from the global RNG: the same in every rank and in a resumed run.
+    ``last_layers`` > 0 puts adapters in the last that many decoder layers only (peft's
+    ``layers_to_transform``): no parameter below them trains, so autograd records nothing there."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover
         raise ValueError("lora_r: LoRA needs the 'peft' package (pip install 'rlhf-fast[pipeline]')") from e
     targets = list(target_modules) if target_modules else "all-linear"
+    layers = None
+    if last_layers:
+        n = getattr(model.config, "num_hidden_layers", None)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"lora_layers: {type(model).__name__}'s config has no num_hidden_layers")
+        if not 0 < int(last_layers) <= n:
+            raise ValueError(f"lora_layers: expected 1..{n} (the model's decoder layers) or 0, got {last_layers}")
+        layers = list(range(n - int(last_layers), n))
+        if targets == "all-linear":  # peft takes a layer subset with named targets only: the decoder's linears
+            targets = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                              if isinstance(mod, torch.nn.Linear) and ".layers." in name})
     cfg = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=targets,
-                     task_type=task_type, bias="none")
+                     task_type=task_type, bias="none", layers_to_transform=layers,
+                     layers_pattern="layers" if layers else None)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes about peft's calls
@@ -331,7 +343,8 @@ def prepare(model, cfg, d: Dist, task_type: str = "CAUSAL_LM"):
     if getattr(cfg, "lora_r", 0):
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_r
         model = apply_lora(model, r=cfg.lora_r, alpha=alpha, dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules, task_type=task_type, seed=getattr(cfg, "seed", 0))
+                           target_modules=cfg.lora_target_modules, task_type=task_type, seed=getattr(cfg, "seed", 0),
+                           last_layers=getattr(cfg, "lora_layers", 0))
     if getattr(cfg, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     return model
@@ -486,8 +499,6 @@ def export_model(model, tokenizer, path, d: Dist, extra: dict | None = None) -> 
     """The gathered Hugging Face export of `model` (``save_pretrained``, safetensors, + the tokenizer) for
     inference: rank 0 writes it from :func:`full_state_dict` (LoRA adapters merged into the weights), the
     other ranks wait. A collective under FSDP2."""
-    from rlhf_fast.pipeline import common as C
-
     if d.mode == "none" and not hasattr(model, "peft_config"):
         C.save_model(model, tokenizer, path, extra)  # the single-process path, as it always was
         return
@@ -498,150 +509,6 @@ def export_model(model, tokenizer, path, d: Dist, extra: dict | None = None) -> 
             state = merge_lora(state, model)
         C.save_model(base, tokenizer, path, extra, state_dict=state)
     d.barrier()
-
-
-def _hf_storage():
-    """DCP's safetensors storage (``torch.distributed.checkpoint.hf_storage``), or a readable error."""
-    try:
-        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
-    except ImportError as e:
-        raise ValueError(f"distributed='fsdp': sharded checkpoints need torch.distributed.checkpoint's "
-                         f"HuggingFaceStorageWriter (safetensors shards), missing from torch {torch.__version__}"
-                         ) from e
-    return HuggingFaceStorageReader, HuggingFaceStorageWriter
-
-
-def _owner(opt: torch.optim.Optimizer, models: dict) -> torch.nn.Module:
-    first = opt.param_groups[0]["params"][0]
-    for m in models.values():
-        if any(p is first for p in m.parameters()):
-            return m
-    raise ValueError("checkpoint: an optimizer whose parameters belong to none of the checkpointed models")
-
-
-def _flat_state(models: dict, optimizers: dict) -> tuple[dict[str, Tensor], dict]:
-    """Model and optimizer state of sharded (FSDP2) models as one flat {key: (D)Tensor} dict for DCP, and
-    the optimizers' non-tensor state (param groups) for JSON."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    flat: dict[str, Tensor] = {}
-    groups = {}
-    for name, m in models.items():
-        for k, v in get_model_state_dict(m).items():
-            flat[f"{name}/{k}"] = v
-    for name, opt in optimizers.items():
-        osd = get_optimizer_state_dict(_owner(opt, models), opt)
-        for fqn, st in osd["state"].items():
-            for k, v in st.items():
-                if not isinstance(v, Tensor):
-                    v = torch.tensor(v)
-                flat[f"optim_{name}/{fqn}/{k}"] = v
-        groups[name] = osd["param_groups"]
-    return flat, groups
-
-
-def _save_rng(path: Path, d: Dist) -> None:
-    from safetensors.torch import save_file
-
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(path / f"rng_rank{d.rank}.safetensors"))
-
-
-def _load_rng(path: Path, d: Dist) -> None:
-    from safetensors.torch import load_file
-
-    f = path / f"rng_rank{d.rank}.safetensors"
-    if not f.exists():
-        return
-    rng = load_file(str(f))
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-
-
-def save_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedulers: dict, state: dict) -> None:
-    """``directory/checkpoint``, written to ``checkpoint.tmp`` and renamed, never pickle.
-
-    "none": :func:`common.save_checkpoint` as always. "ddp": the same files from rank 0 (the replicas are
-    equal), plus every rank's RNG state. "fsdp": each rank writes its own shards of the weights and of
-    the AdamW state with ``torch.distributed.checkpoint`` in safetensors files (``HuggingFaceStorageWriter``,
-    the offsets of each shard in the file's metadata; resumable on another world size), the param groups,
-    schedulers and trainer state as JSON, and its RNG state."""
-    from rlhf_fast.pipeline import common as C
-
-    if d.mode == "none":
-        C.save_checkpoint(directory, models, optimizers, schedulers, state)
-        return
-    directory = Path(directory)
-    tmp = directory / "checkpoint.tmp"
-    if d.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    if d.mode == "ddp":
-        if d.is_main:
-            C.write_checkpoint_files(tmp, models, optimizers, schedulers, state)
-    else:
-        import torch.distributed.checkpoint as dcp
-
-        _, HuggingFaceStorageWriter = _hf_storage()
-        flat, groups = _flat_state(models, optimizers)
-        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
-        if d.is_main:
-            meta = {"state": state, "format": "dcp-safetensors", "world_size": d.world_size,
-                    "param_groups": groups,
-                    "schedulers": {n: {k: v for k, v in s.state_dict().items() if k != "lr_lambdas"}
-                                   for n, s in schedulers.items()}}
-            (tmp / "trainer_state.json").write_text(json.dumps(meta))
-    _save_rng(tmp, d)
-    d.barrier()
-    if d.is_main:
-        C._replace_dir(tmp, directory / "checkpoint")
-    d.barrier()
-
-
-def load_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedulers: dict) -> dict | None:
-    """Restore what :func:`save_checkpoint` wrote (every rank reads); the trainer state, or None."""
-    from rlhf_fast.pipeline import common as C
-
-    if d.mode != "fsdp":
-        st = C.load_checkpoint(directory, models, optimizers, schedulers)
-        if st is not None and d.mode == "ddp":
-            _load_rng(C.checkpoint_path(directory), d)
-        return st
-    ck = C.checkpoint_path(directory)
-    if ck is None:
-        return None
-    meta = json.loads((ck / "trainer_state.json").read_text())
-    if meta.get("format") != "dcp-safetensors":
-        raise ValueError(f"resume: {ck} is a single-file checkpoint; resume it with --distributed none or ddp")
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    HuggingFaceStorageReader, _ = _hf_storage()
-    flat, _ = _flat_state(models, optimizers)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ck / SHARDED_DIR)))
-    for name, m in models.items():
-        pre = f"{name}/"
-        set_model_state_dict(m, {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})
-    for name, opt in optimizers.items():
-        pre = f"optim_{name}/"
-        state: dict[str, dict] = {}
-        for k, v in flat.items():
-            if k.startswith(pre):
-                fqn, key = k[len(pre):].rsplit("/", 1)
-                state.setdefault(fqn, {})[key] = v
-        set_optimizer_state_dict(_owner(opt, models), opt,
-                                 {"state": state, "param_groups": meta["param_groups"][name]})
-    for name, sch in schedulers.items():
-        sd = sch.state_dict()
-        sd.update(meta["schedulers"][name])
-        sch.load_state_dict(sd)
-    _load_rng(ck, d)
-    return meta["state"]
 
 
 def storage_bytes(models: Iterable[torch.nn.Module]) -> int:

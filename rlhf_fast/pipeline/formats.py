@@ -78,7 +78,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rlhf_fast.pipeline.data import DataError, iter_jsonl
+from rlhf_fast.pipeline.jsonl import DataError, iter_jsonl
 
 STAGES = ("sft", "rm", "ppo", "ptx")
 FORMATS = ("language_modeling", "prompt_only", "prompt_completion", "preference", "ranked")

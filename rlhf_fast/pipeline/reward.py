@@ -14,6 +14,7 @@ from torch import Tensor
 import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
+from rlhf_fast.pipeline import trainer as T
 from rlhf_fast.pipeline.chat import Encoder
 from rlhf_fast.pipeline.config import RMConfig, data_options, learning_rate
 from rlhf_fast.pipeline.data import load_ranked, pad_right
@@ -74,7 +75,7 @@ def prompts_with_pairs(batch) -> int:
     return sum(1 for b in batch if len(set(b[2][: len(b[1])])) > 1)
 
 
-class RewardTrainer(C.OneModelTrainer):
+class RewardTrainer(T.OneModelTrainer):
     """Trains a reward model on ranked answers.
 
     ``RewardTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "responses", "ranking"}, ...])``;
@@ -110,7 +111,7 @@ class RewardTrainer(C.OneModelTrainer):
         self.engine = D.Engine(self.model, self.dist)
         train_data = C.given_or_loaded(train_data, config.data, "data: give RMConfig.data (a ranked JSONL file) or "
                                        "pass train_data=", lambda: load_ranked(config.data, **data_options(config)))
-        train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
+        train_data, eval_data = T.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len, config.chat_template)
         self.train_rows = encode_ranked(self.encoder, train_data)
         self.eval_rows = encode_ranked(self.encoder, eval_data) if eval_data else []

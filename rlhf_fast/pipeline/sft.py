@@ -7,6 +7,7 @@ import torch
 
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
+from rlhf_fast.pipeline import trainer as T
 from rlhf_fast.pipeline.chat import Encoder
 from rlhf_fast.pipeline.config import SFTConfig, data_options, learning_rate
 from rlhf_fast.pipeline.data import LMBatch, lm_batch_masked, load_sft
@@ -60,7 +61,7 @@ def encode_lm(encoder: Encoder, rows: list[dict]) -> LMBatch:
     return lm_batch_masked(list(seqs), list(train), encoder.tokenizer.pad_token_id)
 
 
-class SFTTrainer(C.OneModelTrainer):
+class SFTTrainer(T.OneModelTrainer):
     """Fine-tunes a causal LM on demonstrations.
 
     ``SFTTrainer(config, model=..., tokenizer=..., train_data=[{"prompt", "completion"}, ...]).train()``;
@@ -90,7 +91,7 @@ class SFTTrainer(C.OneModelTrainer):
         self.tokenizer = tokenizer
         train_data = C.given_or_loaded(train_data, config.data, "data: give SFTConfig.data (a JSONL file) or pass "
                                        "train_data=", lambda: load_sft(config.data, **data_options(config)))
-        train_data, eval_data = C.split_eval(train_data, eval_data, config.eval_fraction, "examples")
+        train_data, eval_data = T.split_eval(train_data, eval_data, config.eval_fraction, "examples")
         self.train_data, self.eval_data = train_data, eval_data
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len, config.chat_template)
         self.progress = progress

@@ -17,10 +17,10 @@ import types
 
 import pytest
 import torch
-from rlhf_fast.kernels import _aot, _cost, _inspect
 
 from rlhf_fast.bench import run
 from rlhf_fast.bench.common import MODES, Skip, Timed, Workload, compare, mode_fn, results, time_cpu_interleaved
+from rlhf_fast.kernels import _aot, _cost, _inspect
 
 ENV_FIELDS = ("device", "device_type", "torch", "triton", "rlhf_fast", "cpu_capability", "commit", "timestamp")
 ROW_FIELDS = ("op", "case", "mode", "provider", "backend", "median_ms", "q1_ms", "q3_ms", "status")

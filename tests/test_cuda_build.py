@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from rlhf_fast.kernels._inspect import _demangle
 
 ROOT = Path(__file__).resolve().parents[1]

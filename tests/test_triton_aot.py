@@ -91,6 +91,7 @@ def test_specs_follow_launch_time_specialization():
     """Specs type scalars as triton.jit does at launch: i32 with a divisibility hint for V = 32000,
     none for V = 50257, and V = 1 specialized into a constexpr."""
     import torch
+
     from rlhf_fast.kernels import gather_logprobs as G
 
     by_vocab = {}

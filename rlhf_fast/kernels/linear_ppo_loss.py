@@ -27,6 +27,7 @@ future work.
 from __future__ import annotations
 
 import torch
+
 from rlhf_fast.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
 # KL estimator codes (ppo::Estimator; KL_ESTIMATORS in rlhf_fast/reference.py).

@@ -175,11 +175,13 @@ def _ppo(tok, tmp_path, name, **kw):
                       prompts=prompts, progress=False)
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_rollout_logprobs_match_the_update_ratio_one_kl_zero(tok, tmp_path, lora_r):
-    """Left-padded prompts of different lengths: the rollout's log-probs equal those of each sequence run alone
-    without any padding, and the first update sees ratio 1 and KL 0 (position ids agree everywhere)."""
-    tr = _ppo(tok, tmp_path, f"ppo{lora_r}", lora_r=lora_r)
+@pytest.mark.parametrize("lora_r,old_logprobs", [(0, "auto"), (4, "auto"), (4, "recompute")])
+def test_rollout_logprobs_match_the_update_ratio_one_kl_zero(tok, tmp_path, lora_r, old_logprobs):
+    """Left-padded prompts of different lengths: the rollout's log-probs (the sampler's own on CPU, or a
+    forward after sampling) equal those of each sequence run alone without any padding, and the first update
+    sees ratio 1 and KL 0 (position ids agree everywhere)."""
+    tr = _ppo(tok, tmp_path, f"ppo{lora_r}", lora_r=lora_r, old_logprobs=old_logprobs)
+    assert tr.sampler_logprobs == (old_logprobs == "auto")
     assert len({len(tr.prompt_ids[i]) for i in range(8)}) > 1  # the prompts need left padding
     ro = tr.rollout(0)
     s = ro["samples"]
@@ -285,3 +287,26 @@ def test_default_model_fetch_and_convert(tmp_path, monkeypatch):
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert os.environ["RLHF_FAST_CACHE"] in str(target)
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_CLS"])
+def test_lora_in_the_last_layers_only_trains_nothing_below(tok, tmp_path, task_type):
+    """lora_layers = 1 of 2: adapters in the top decoder layer only, nothing below it gets a gradient (so the
+    backward stops there), and a bad count names the argument."""
+    from rlhf_fast.pipeline import distributed as D
+
+    path = saved_chat_model(tok, tmp_path / "m")
+    base = C.load_causal_lm(path) if task_type == "CAUSAL_LM" else C.load_scalar_model(path, pad_token_id=IM_END)
+    cfg = SFTConfig(lora_r=4, lora_layers=1)
+    model = D.prepare(base, cfg, D.setup("none", "cpu"), task_type)
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(".layers.1." in n for n in lora), lora
+    ids = torch.tensor([Encoder(tok, 64, 16).prompt("Write about tea in 4 to 8 words.")])
+    h = C.hidden_states(model, ids, torch.ones_like(ids))
+    h.pow(2).mean().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(".layers.1." in n or "score" in n for n in trained), trained
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="lora_layers"):
+            D.prepare(C.load_causal_lm(path), SFTConfig(lora_r=4, lora_layers=bad), D.setup("none", "cpu"),
+                      task_type)

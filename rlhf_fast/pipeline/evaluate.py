@@ -14,14 +14,15 @@ from rlhf_fast.pipeline.generation import sample
 
 @torch.no_grad()
 def policy_samples(policy, tokenizer, encoder, prompts: list[str], *, num_samples: int, max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int, device):
+                   temperature: float, top_p: float, seed: int, device, return_logprobs: bool = False):
     """Samples of `policy` for `prompts` with a fixed seed (the caller's RNG state is left as it was),
     stopping at the chat template's end of turn or eos."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         return sample(policy, [encoder.prompt(p) for p in prompts], num_samples=num_samples,
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      pad_id=tokenizer.pad_token_id, eos_id=encoder.stop_ids, device=device)
+                      pad_id=tokenizer.pad_token_id, eos_id=encoder.stop_ids, device=device,
+                      return_logprobs=return_logprobs)
 
 
 @torch.no_grad()
@@ -29,21 +30,27 @@ def gold_eval(policy, tokenizer, encoder, task, prompts: list[str], *, num_sampl
               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, device, ref=None, batch: int = 32,
               progress: bool = False, desc: str = "eval") -> dict:
     """Mean gold score of the policy's answers to `prompts`, its standard error over the prompts (each
-    prompt's mean over its samples is one observation), and, with `ref`, the mean per-token KL
-    log pi - log ref over those answers (a Monte-Carlo estimate of KL(pi || ref))."""
-    gold, texts_all, rows, kl_sum, kl_n = [], [], [], 0.0, 0.0
+    prompt's mean over its samples is one observation), the answers (``answer_ids``: token ids, prompt-major,
+    `num_samples` per prompt) and, with `ref`, the mean per-token KL log pi - log ref over those answers (a
+    Monte-Carlo estimate of KL(pi || ref); log pi is the sampler's own log-prob of each sampled token in
+    fp32, a forward of `policy` otherwise)."""
+    gold, texts_all, rows, answer_ids, kl_sum, kl_n = [], [], [], [], 0.0, 0.0
+    fp32 = next(policy.parameters()).dtype == torch.float32
     for start in C.progress_range(len(prompts), batch, desc, progress):
         chunk = prompts[start: start + batch]
         s = policy_samples(policy, tokenizer, encoder, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=C.step_seed(seed, start), device=device)
+                           temperature=temperature, top_p=top_p, seed=C.step_seed(seed, start), device=device,
+                           return_logprobs=ref is not None and fp32)
         texts = s.texts(tokenizer)
+        answer_ids += s.responses
         for i, t in zip(s.prompt_index.tolist(), texts, strict=True):
             g = task.gold_score(chunk[i], t)
             gold.append(g)
             texts_all.append(t)
             rows.append({"prompt": chunk[i], "response": t, "gold": g})
         if ref is not None:
-            lp = C.token_logprobs(policy, s.input_ids, s.attention_mask, s.labels, temperature)
+            lp = s.logprobs if s.logprobs is not None else \
+                C.token_logprobs(policy, s.input_ids, s.attention_mask, s.labels, temperature)
             lr = C.token_logprobs(ref, s.input_ids, s.attention_mask, s.labels, temperature)
             kl_sum += float(((lp - lr) * s.response_mask).sum())
             kl_n += float(s.response_mask.sum())
@@ -52,28 +59,30 @@ def gold_eval(policy, tokenizer, encoder, task, prompts: list[str], *, num_sampl
     mean = sum(per_prompt) / n
     se = math.sqrt(sum((x - mean) ** 2 for x in per_prompt) / (n - 1) / n) if n > 1 else 0.0
     out = {"gold_score": sum(gold) / len(gold), "gold_score_se": se, "per_prompt": per_prompt,
-           "answer_words": sum(len(t.split()) for t in texts_all) / len(texts_all), "samples": rows}
+           "answer_words": sum(len(t.split()) for t in texts_all) / len(texts_all), "samples": rows,
+           "answer_ids": answer_ids}
     if ref is not None:
         out["kl_per_token"] = kl_sum / max(1.0, kl_n)
     return out
 
 
 @torch.no_grad()
-def rm_gold_accuracy(reward_model, sft_policy, tokenizer, encoder, task, prompts: list[str], *, k: int,
-                     max_new_tokens: int, seed: int, device, packing: str = "shared_prefix",
-                     temperature: float = 1.0) -> dict:
-    """Pairwise accuracy of the reward model on K answers sampled from the SFT policy per held-out prompt:
-    against the noise-free gold preference (pairs with equal gold scores are left out) and against the
-    simulated labeler's noisy ranking of the same answers (every pair)."""
+def rm_gold_accuracy(reward_model, tokenizer, encoder, task, prompts: list[str], answer_ids: list[list[int]], *,
+                     k: int, seed: int, device, packing: str = "shared_prefix") -> dict:
+    """Pairwise accuracy of the reward model on `k` answers per held-out prompt (`answer_ids`: token ids,
+    prompt-major, e.g. the SFT policy's answers that :func:`gold_eval` scored): against the noise-free gold
+    preference (pairs with equal gold scores are left out) and against the simulated labeler's noisy
+    ranking of the same answers (every pair)."""
     from rlhf_fast.pipeline.reward import score_answers
 
-    s = policy_samples(sft_policy, tokenizer, encoder, prompts, num_samples=k, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=1.0, seed=seed, device=device)
-    texts = s.texts(tokenizer)
+    if k < 2 or len(answer_ids) != k * len(prompts):
+        raise ValueError(f"answer_ids: expected k >= 2 answers for each of the {len(prompts)} prompts, got "
+                         f"{len(answer_ids)} answers for k = {k}")
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answer_ids]
     was = reward_model.training
     reward_model.eval()
     prompt_ids = [encoder.prompt(p) for p in prompts]
-    answers = [s.responses[i * k:(i + 1) * k] for i in range(len(prompts))]
+    answers = [answer_ids[i * k:(i + 1) * k] for i in range(len(prompts))]
     scores = score_answers(reward_model, prompt_ids, answers, packing, tokenizer.pad_token_id, device).tolist()
     reward_model.train(was)
     correct = pairs = agree = 0

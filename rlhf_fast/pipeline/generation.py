@@ -23,6 +23,9 @@ class Samples:
     last_index      (B,) index of each answer's last token in input_ids
     prompt_index    (B,) which prompt each row answers
     responses       answer token ids (eos included when generated) per row
+    logprobs        (B, P + N - 1) fp32 or None: with ``return_logprobs``, the sampler's log-prob of each answer
+                    token at the sampling temperature (``log_softmax(logits / T)``, before top-p), where
+                    response_mask is True, 0 elsewhere
     """
 
     input_ids: Tensor
@@ -32,6 +35,7 @@ class Samples:
     last_index: Tensor
     prompt_index: Tensor
     responses: list[list[int]]
+    logprobs: Tensor | None = None
 
     def texts(self, tokenizer) -> list[str]:
         return [tokenizer.decode(r, skip_special_tokens=True) for r in self.responses]
@@ -39,7 +43,8 @@ class Samples:
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, pad_id: int, eos_id: int | list[int], device) -> Samples:
+           top_p: float = 1.0, pad_id: int, eos_id: int | list[int], device, return_logprobs: bool = False
+           ) -> Samples:
     """`num_samples` answers per prompt (rows grouped by prompt), sampled by :func:`rollout.fast_sample`
     (``model.generate`` for the models its decode loop cannot serve, and for FSDP). An answer ends at
     its first stop token (`eos_id`: one id or several, e.g. the chat template's end of turn and eos), which
@@ -48,7 +53,8 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
 
     An FSDP2-sharded model gathers each layer's weights at every decoding step, a collective: then
     ``generate(synced_gpus=True)`` keeps every rank stepping until all ranks' answers are finished (ranks
-    that finished early run dummy steps), as transformers does for DeepSpeed ZeRO-3."""
+    that finished early run dummy steps), as transformers does for DeepSpeed ZeRO-3; that path returns no
+    log-probs (``Samples.logprobs`` None whatever `return_logprobs` says)."""
     from rlhf_fast.pipeline.distributed import is_fsdp
 
     synced = is_fsdp(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -67,12 +73,14 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
                                    pad_token_id=pad_id, eos_token_id=stops)
         gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                              synced_gpus=True)[:, ids.shape[1]:]
+        sampled_lp = None
     else:  # the static-cache decode loop (rlhf_fast/pipeline/rollout.py); generate for models it cannot serve
         from rlhf_fast.pipeline.rollout import fast_sample
 
-        gen = fast_sample(model, ids, mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, stop_ids=stops, pad_id=pad_id,
-                          return_logprobs=False).tokens
+        ro = fast_sample(model, ids, mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, stop_ids=stops, pad_id=pad_id,
+                         return_logprobs=return_logprobs)
+        gen, sampled_lp = ro.tokens, ro.logprobs
     model.train(was)
     p = ids.shape[1]
     is_eos = torch.isin(gen, torch.tensor(stops, device=gen.device))
@@ -90,4 +98,8 @@ def sample(model, prompts: list[list[int]], *, num_samples: int, max_new_tokens:
     last = p + first_eos
     responses = [gen[i, : int(first_eos[i]) + 1].tolist() for i in range(gen.shape[0])]
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
-    return Samples(input_ids, attn, resp_mask, labels, last, prompt_index, responses)
+    logprobs = None
+    if sampled_lp is not None:  # answer token j sits at p + j and is predicted at position p + j - 1
+        logprobs = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+        logprobs[:, p - 1: p - 1 + n] = sampled_lp[:, :n].float() * ans_mask
+    return Samples(input_ids, attn, resp_mask, labels, last, prompt_index, responses, logprobs)

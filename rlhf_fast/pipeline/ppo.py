@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 import rlhf_fast
+from rlhf_fast.pipeline import checkpoint as CK
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.chat import Encoder
@@ -125,6 +126,8 @@ class PPOTrainer:
             reward_model, cfg.reward_model, "reward_model: give PPOConfig.reward_model (a path) or pass reward_model=",
             lambda: C.load_scalar_model(cfg.reward_model, cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
                                         seed=cfg.seed))
+        if cfg.old_logprobs not in ("auto", "sampler", "recompute"):
+            raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {cfg.old_logprobs!r}")
         for name in ("temperature", "top_p", "clip_eps", "minibatch_size", "samples_per_prompt",
                      "prompts_per_iteration", "max_new_tokens"):
             if not getattr(cfg, name) > 0:
@@ -180,6 +183,8 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.score_norm: tuple[float, float] | None = None
         self.iteration = 0
+        self.sampler_logprobs = cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto"
+                                                                  and d.precision != "bf16")
 
     # -- rollout ---------------------------------------------------------------------------
     def prompts_at(self, iteration: int) -> list[int]:
@@ -228,8 +233,9 @@ class PPOTrainer:
         s = self.actor_run.no_grad(sample, prompt_ids, num_samples=cfg.samples_per_prompt,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                    pad_id=self.tokenizer.pad_token_id, eos_id=self.encoder.stop_ids,
-                                   device=self.device)
-        old_lp = self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
+                                   device=self.device, return_logprobs=self.sampler_logprobs)
+        old_lp = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
+            self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
         ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
         values = self.critic_run.no_grad(
             lambda m: values_of(m, C.scalar_head(m), s.input_ids, s.attention_mask))
@@ -388,7 +394,7 @@ class PPOTrainer:
         out.mkdir(parents=True, exist_ok=True)
         log = C.MetricsLog(out, "ppo", enabled=d.is_main)
         if cfg.resume:
-            st = D.load_checkpoint(d, out, *self._ckpt())
+            st = CK.load_checkpoint(d, out, *self._ckpt())
             if st is not None:
                 self.iteration, self.kl_ctl.beta = st["step"], st["beta"]
                 self.score_norm = tuple(st["score_norm"]) if st["score_norm"] else None
@@ -406,11 +412,11 @@ class PPOTrainer:
             bar.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_per_token']:.3f}")
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0 \
                     and self.iteration < cfg.iterations:
-                D.save_checkpoint(d, out, *self._ckpt(), self._state())
+                CK.save_checkpoint(d, out, *self._ckpt(), self._state())
         bar.close()
         log.close()
         self.save(out)
-        D.save_checkpoint(d, out, *self._ckpt(), self._state(done=True))
+        CK.save_checkpoint(d, out, *self._ckpt(), self._state(done=True))
         return {"iterations": self.iteration, "train_time_s": time.time() - t0, "beta": self.kl_ctl.beta}
 
     def save(self, out) -> None:

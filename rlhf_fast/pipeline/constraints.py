@@ -19,7 +19,14 @@ The constraints (each scored in [0, 1] by :meth:`ConstraintTask.rubric`):
 The gold score of an answer is the mean of its prompt's constraint scores, in [0, 1]; the best answer scores
 1.0. The simulated labeler ranks K answers by the gold score plus Gaussian noise (labelers disagree); the
 reward model only ever sees those rankings; the gold scorer is used by the labeler, to pick the SFT
-demonstrations (best of K samples of the base model) and by the held-out evaluation, never by PPO.
+demonstrations and by the held-out evaluation, never by PPO.
+
+The SFT demonstrations simulate a labeler who writes answers from a draft: the best of K samples of the base
+model under the rubric, then edited (:meth:`ConstraintTask.demonstration`) to meet each of the prompt's
+constraints with probability ``fix_prob`` — cut to the length range, the word to use put in, the word to
+avoid taken out, the first word, no commas, lowercase, the exclamation mark. A careful but imperfect writer:
+the SFT policy learns each behaviour without learning it for every prompt, which leaves the reward model
+contrasting answers to learn from and PPO a behaviour to make reliable.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ _INCLUDE = re.compile(r'Use the word "(\w+)"')
 _AVOID = re.compile(r'Do not use the word "(\w+)"')
 _START = re.compile(r'Start with the word "(\w+)"')
 _WORD = re.compile(r"[A-Za-z']+")
+# words a cut sentence should not end on
+_DANGLING = frozenset("a an the and or but of to in on at for with by from that which who is are was were its "
+                      "their his her my our your as into than".split())
 
 
 def _words(text: str) -> list[str]:
@@ -159,6 +169,41 @@ class ConstraintTask:
         """The hidden gold preference: the mean constraint score, in [0, 1]."""
         r = self.rubric(prompt, response)
         return sum(r.values()) / len(r)
+
+    def demonstration(self, prompt: str, draft: str, fix_prob: float, generator: torch.Generator) -> str:
+        """`draft` edited to meet each constraint of `prompt` with probability `fix_prob` (each edit drawn
+        independently from `generator`): the simulated labeler's written answer."""
+        c = self.constraints(prompt)
+
+        def fix() -> bool:
+            return float(torch.rand((), generator=generator)) < fix_prob
+
+        text = " ".join(draft.replace('"', "").split())
+        lo, hi = c["length"]
+        extra = int("include" in c) + int("start" in c)  # words the later edits may add
+        if len(text.split()) > hi - extra and fix():
+            words = text.split()
+            top = max(lo, hi - extra)
+            # at the end of a clause when one ends in the range, else after a word that can end a sentence
+            clause = [n for n in range(lo, top + 1) if words[n - 1][-1] in ",.;:!?"]
+            n = clause[-1] if clause else top
+            while n > 1 and words[n - 1].lower().strip(",.;:") in _DANGLING:
+                n -= 1
+            text = " ".join(words[:n]).rstrip(",;:-") + "."
+        if "avoid" in c and fix():
+            text = " ".join(w for w in text.split() if _words(w.lower()) != [c["avoid"]])
+        if "include" in c and c["include"] not in [w.lower() for w in _words(text)] and fix():
+            words = text.split()
+            text = " ".join(words[:-1] + [c["include"]] + words[-1:]) if words else c["include"]
+        if "start" in c and fix() and (not _words(text) or _words(text)[0] != c["start"]):
+            text = f"{c['start']} {text[:1].lower()}{text[1:]}"
+        if c.get("no_comma") and fix():
+            text = text.replace(",", "")
+        if c.get("lowercase") and fix():
+            text = text.lower()
+        if c.get("exclaim") and fix():
+            text = text.rstrip(".?!,;: ") + "!"
+        return text.strip() or draft
 
     def gold_max(self, prompt: str) -> float:
         return 1.0

@@ -270,7 +270,7 @@ def smoke_config(out) -> PipelineConfig:
     cfg.model.hidden_size, cfg.model.intermediate_size = 32, 64
     t = cfg.task
     t.num_sft, t.num_rm_prompts, t.num_ppo_prompts, t.num_ptx = 256, 24, 32, 32
-    t.num_eval_prompts, t.eval_samples, t.rm_eval_k = 8, 2, 4
+    t.num_eval_prompts, t.eval_samples = 8, 2
     cfg.sft.epochs, cfg.sft.batch_size = 1, 32
     cfg.rm.epochs, cfg.rm.batch_size, cfg.rm.k_max = 1, 8, 5
     p = cfg.ppo

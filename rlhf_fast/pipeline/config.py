@@ -42,6 +42,8 @@ class ScaleOut:
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
     lora_target_modules: list = _f([], "module names that get LoRA adapters (empty: every linear layer but the "
                                        "output head, peft's 'all-linear')")
+    lora_layers: int = _f(0, "LoRA adapters in the last N decoder layers only (0: every layer). Nothing below them "
+                             "is trained, so the backward pass stops at the first adapted layer")
 
 
 @dataclass
@@ -97,15 +99,17 @@ class TaskConfig:
     banned_prob: float = _f(0.08, "topics: probability that a demonstration word is a banned word")
     end_prob: float = _f(0.75, "topics: probability that a demonstration ends with '.'")
     label_noise: float = _f(0.1, "std of the simulated labeler's Gaussian noise on the gold score")
-    num_sft: int = _f(64, "SFT demonstrations")
+    num_sft: int = _f(48, "SFT demonstrations")
     sft_candidates: int = _f(4, "constraints: answers sampled from the base model per SFT prompt; the one the "
                                 "rubric scores best is the demonstration (best-of-K)")
-    num_rm_prompts: int = _f(96, "reward-model prompts (K answers sampled from the SFT model for each)")
+    demo_fix_prob: float = _f(0.5, "constraints: the simulated demonstrator edits the best-of-K answer to meet each "
+                                   "of its prompt's constraints with this probability (an imperfect writer)")
+    num_rm_prompts: int = _f(80, "reward-model prompts (K answers sampled from the SFT model for each)")
     num_ppo_prompts: int = _f(256, "PPO training prompts")
     num_ptx: int = _f(64, "ptx (pretraining-mix) texts")
-    num_eval_prompts: int = _f(64, "held-out evaluation prompts")
-    eval_samples: int = _f(2, "samples per held-out prompt when scoring a policy")
-    rm_eval_k: int = _f(4, "answers per held-out prompt for the reward model's pairwise accuracy")
+    num_eval_prompts: int = _f(48, "held-out evaluation prompts")
+    eval_samples: int = _f(4, "samples per held-out prompt when scoring a policy (>= 2: the reward model's "
+                              "held-out pairwise accuracy is measured on the SFT policy's answers)")
 
 
 @dataclass
@@ -194,6 +198,10 @@ class PPOConfig(StageConfig):
     samples_per_prompt: int = _f(4, "answers generated per prompt")
     max_new_tokens: int = _f(128, "most tokens generated per answer")
     temperature: float = _f(0.7, "sampling temperature (log-probs are taken at the same temperature)")
+    old_logprobs: str = _f("auto", "the PPO ratio's old log-probs: 'sampler' (the rollout sampler's own log-prob "
+                                   "of each sampled token: no second forward over the answers), 'recompute' (a "
+                                   "forward of the actor after sampling) or 'auto' (sampler in fp32, recompute "
+                                   "under bf16, where the decode step and the training forward round apart)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     minibatch_size: int = _f(64, "answers per optimizer step (all ranks together)")
@@ -245,18 +253,18 @@ class PipelineConfig:
 
 
 # The embedded run's sizes (``rlhf-fast pipeline`` / ``make demo``): SmolLM2-135M-Instruct on the constraints
-# task, every stage with LoRA, sized to finish in about 15 minutes on 2 CPU cores. The stage commands keep
-# the stage defaults; the learning rates here are LoRA rates for a run of a few dozen optimizer steps.
+# task, every stage with LoRA r16 in the last 10 of the 30 decoder layers, sized to finish within 15 minutes
+# on 2 CPU cores (measured: README, "The embedded run"). The stage commands keep the stage defaults; the
+# learning rates here are LoRA rates for runs of a few dozen optimizer steps.
 DEMO: dict[str, dict] = {
-    "sft": {"lora_r": 16, "epochs": 2, "batch_size": 8, "max_prompt_len": 256, "max_response_len": 48,
-            "log_every": 1},
-    "rm": {"lora_r": 16, "epochs": 2, "batch_size": 8, "lr": 3e-4, "max_prompt_len": 256, "max_response_len": 48,
-           "eval_fraction": 0.0, "log_every": 1},
-    "ppo": {"lora_r": 16, "iterations": 16, "prompts_per_iteration": 8, "samples_per_prompt": 2,
-            "max_new_tokens": 40, "minibatch_size": 8, "lr": 1e-4, "critic_lr": 2e-4, "ptx_batch_size": 4,
-            "max_prompt_len": 256, "eval_every": 4},
+    "sft": {"lora_r": 16, "lora_layers": 10, "epochs": 4, "batch_size": 8, "lr": 5e-4, "max_prompt_len": 256,
+            "max_response_len": 40, "log_every": 1},
+    "rm": {"lora_r": 16, "lora_layers": 10, "k_min": 4, "k_max": 4, "epochs": 2, "batch_size": 4, "lr": 1e-3,
+           "max_prompt_len": 256, "max_response_len": 40, "eval_fraction": 0.0, "log_every": 1},
+    "ppo": {"lora_r": 16, "lora_layers": 10, "iterations": 7, "prompts_per_iteration": 8, "samples_per_prompt": 4,
+            "max_new_tokens": 32, "ppo_epochs": 1, "minibatch_size": 16, "lr": 3e-4, "critic_lr": 3e-4,
+            "ptx_batch_size": 4, "max_prompt_len": 256, "eval_every": 0},
 }
-
 
 # ---------------------------------------------------------------------------------------------
 # Presets: named sets of field values, applied before the config file and the command line
@@ -276,7 +284,7 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "pipeline": {"model": {"model": "tiny"},
                      "task": {"name": "topics", "num_sft": 6000, "num_rm_prompts": 700, "num_ppo_prompts": 2000,
-                              "num_ptx": 2000, "num_eval_prompts": 128, "eval_samples": 4, "rm_eval_k": 6},
+                              "num_ptx": 2000, "num_eval_prompts": 128, "eval_samples": 4},
                      "sft": {k: v for k, v in _TINY_SFT.items() if k != "model"},
                      "rm": _TINY_RM, "ppo": _TINY_PPO},
         "sft": _TINY_SFT, "rm": _TINY_RM, "ppo": _TINY_PPO,

@@ -5,7 +5,8 @@ Two embedded tasks (``task.name``):
 - ``constraints`` (the default, for a real chat model: SmolLM2-135M-Instruct unless ``model.model`` says
   otherwise; rlhf_fast/pipeline/constraints.py): instructions with checkable constraints. The SFT
   demonstrations are the best of ``task.sft_candidates`` answers the base model samples for each prompt
-  (best under the rubric); the simulated labeler (rubric + noise) ranks K answers of the SFT model; the reward
+  (best under the rubric), edited by a simulated demonstrator to meet each constraint with probability
+  ``task.demo_fix_prob``; the simulated labeler (rubric + noise) ranks K answers of the SFT model; the reward
   model learns from those rankings only; PPO-ptx optimises the reward model, with the held-out SFT
   demonstrations' likelihood as the ptx term; held-out prompts are scored by the rubric (the gold score).
 - ``topics`` (the tiny preset's word task, rlhf_fast/pipeline/task.py) on the 0.1M-parameter toy Llama.
@@ -17,6 +18,7 @@ rank holds the same data) from unsharded models, and rank 0 writes the files."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import time
@@ -103,16 +105,21 @@ def sampled_answers(model, tokenizer, encoder, prompts: list[str], *, k: int, ma
 
 
 def best_of_k_demonstrations(model, tokenizer, encoder, task, prompts: list[str], *, k: int, max_new_tokens: int,
-                             temperature: float, seed: int, device, batch: int = 32, progress: bool = False
-                             ) -> list[dict]:
-    """For each prompt, the best of `k` answers `model` samples, under the task's gold rubric."""
+                             temperature: float, seed: int, device, batch: int = 32, progress: bool = False,
+                             fix_prob: float = 0.0) -> list[dict]:
+    """For each prompt, the best of `k` answers `model` samples under the task's gold rubric (the ``draft``),
+    edited by the task's simulated demonstrator to meet each constraint with probability `fix_prob`
+    (:meth:`ConstraintTask.demonstration`; 0: the draft as it is)."""
+    g = torch.Generator().manual_seed(C.step_seed(seed, 301))
     rows = []
     for p, answers in sampled_answers(model, tokenizer, encoder, prompts, k=k, max_new_tokens=max_new_tokens,
                                       temperature=temperature, seed=C.step_seed(seed, 300), device=device,
                                       batch=batch, desc="demonstrations", progress=progress):
         gold = [task.gold_score(p, a) for a in answers]
         best = max(range(k), key=gold.__getitem__)
-        rows.append({"prompt": p, "completion": answers[best], "gold": gold[best]})
+        text = task.demonstration(p, answers[best], fix_prob, g) if fix_prob > 0 else answers[best]
+        rows.append({"prompt": p, "completion": text, "gold": task.gold_score(p, text), "draft": answers[best],
+                     "draft_gold": gold[best]})
     return rows
 
 
@@ -157,6 +164,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     task = make_task(cfg)
     data = task_data(cfg, task)
     times: dict[str, float] = {}
+    peak_rss: dict[str, float] = {}  # the process's peak resident memory at the end of each stage
     ev = cfg.task
     gen_len = cfg.ppo.max_new_tokens
     temp = cfg.ppo.temperature
@@ -165,6 +173,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     t0 = time.time()
     tokenizer, base = _base_model(cfg, progress)
     times["load_s"] = time.time() - t0
+    peak_rss["load"] = _peak_rss_gb()
     n_params = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
     encoder = Encoder(tokenizer, cfg.sft.max_prompt_len, cfg.sft.max_response_len, cfg.model.chat_template)
     tokenizer.chat_template = encoder.template  # the exported models carry the template the run used
@@ -204,7 +213,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         else:
             demos = best_of_k_demonstrations(base.to(device), tokenizer, encoder, task, data["sft_prompts"],
                                              k=ev.sft_candidates, max_new_tokens=gen_len, temperature=temp,
-                                             seed=cfg.seed, device=device, progress=progress)
+                                             seed=cfg.seed, device=device, progress=progress,
+                                             fix_prob=ev.demo_fix_prob)
             if d.is_main:
                 write_jsonl(demo_path, demos)
         n_eval = data["n_ptx_eval"]
@@ -219,12 +229,16 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         sft_result = trainer.train()
         write(sft_dir / "result.json", json.dumps(sft_result))
         sft_model = plain(trainer.model, sft_dir / "model", load_lm, cfg.sft)
+        del trainer
+    del base  # (the SFT model is its own copy with LoRA or FSDP; otherwise the same module)
+    gc.collect()
     sft_model.eval()
     sft_eval = gold_eval(sft_model, tokenizer, encoder, task, data["eval_prompts"], num_samples=ev.eval_samples,
                          max_new_tokens=gen_len, temperature=temp, seed=cfg.seed + 7, device=device,
                          progress=progress, desc="eval sft")
     ptx_loss_sft = eval_nll(sft_model, encoder, data["ptx_eval"], device)
     times["sft_s"] = time.time() - t0
+    peak_rss["sft"] = _peak_rss_gb()
 
     # -- reward model ----------------------------------------------------------------------
     t0 = time.time()
@@ -250,10 +264,15 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         rm_result = rm_trainer.train()
         write(rm_dir / "result.json", json.dumps(rm_result))
         rm_model = plain(rm_trainer.model, rm_dir / "model", load_rm, cfg.rm)
-    rm_eval = rm_gold_accuracy(rm_model, sft_model, tokenizer, encoder, task, data["eval_prompts"], k=ev.rm_eval_k,
-                               max_new_tokens=gen_len, temperature=cfg.rm.sample_temperature, seed=cfg.seed + 11,
-                               device=device, packing=rm_result.get("packing", "padded"))
+    # on the SFT policy's held-out answers that its gold score was measured on (sampled once, used twice)
+    rm_eval = rm_gold_accuracy(rm_model, tokenizer, encoder, task, data["eval_prompts"], sft_eval["answer_ids"],
+                               k=ev.eval_samples, seed=cfg.seed + 11, device=device,
+                               packing=rm_result.get("packing", "padded"))
     times["rm_s"] = time.time() - t0
+    peak_rss["rm"] = _peak_rss_gb()
+    # PPO holds actor and critic; the reward model and the SFT model are reloaded when needed (peak memory)
+    rm_model = rm_trainer = sft_model = None
+    gc.collect()
 
     # -- PPO-ptx ---------------------------------------------------------------------------
     t0 = time.time()
@@ -276,11 +295,15 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         write(ppo_dir / "result.json", json.dumps(ppo_result))
         policy = plain(ppo.actor, ppo_dir / "model", load_lm, cfg.ppo)
     policy.eval()
+    ppo = None
+    gc.collect()
+    sft_model = load_lm(sft_dir / "model", device).eval()  # the reference of the KL
     ppo_eval = gold_eval(policy, tokenizer, encoder, task, data["eval_prompts"], num_samples=ev.eval_samples,
                          max_new_tokens=gen_len, temperature=temp, seed=cfg.seed + 7, device=device, ref=sft_model,
                          progress=progress, desc="eval ppo")
     ptx_loss_ppo = eval_nll(policy, encoder, data["ptx_eval"], device)
     times["ppo_s"] = time.time() - t0
+    peak_rss["ppo"] = _peak_rss_gb()
 
     # -- summary ---------------------------------------------------------------------------
     gold_max = sum(task.gold_max(p) for p in data["eval_prompts"]) / len(data["eval_prompts"])
@@ -302,6 +325,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         "final_beta": ppo_result.get("beta"), "time_load_s": times["load_s"],
         "time_sft_s": times["sft_s"], "time_rm_s": times["rm_s"], "time_ppo_s": times["ppo_s"],
         "time_total_s": time.time() - t_start, "cpu_time_s": time.process_time() - cpu_start,
+        "peak_rss_gb": _peak_rss_gb(), "peak_rss_gb_by_stage": peak_rss,
     }
     summary["targets"] = targets(summary)
     write(out / "summary.json", json.dumps(summary, indent=2))
@@ -313,6 +337,15 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         report.write_report(out, summary, samples, cfg, plots=cfg.plots)
     d.barrier()
     return summary
+
+
+def _peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GiB (Linux and macOS units)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 30 if sys.platform == "darwin" else peak / 2 ** 20
 
 
 def _se(values: list[float]) -> float:
@@ -348,7 +381,8 @@ def format_summary(s: dict) -> str:
         f"KL to SFT      {s['kl_per_token']:.4f} nats/token (bound {s['kl_bound']})",
         f"ptx loss       SFT {s['ptx_loss_sft']:.4f} -> PPO-ptx {s['ptx_loss_ppo']:.4f}",
         f"wall time      load {s['time_load_s']:.0f}s, SFT {s['time_sft_s']:.0f}s, RM {s['time_rm_s']:.0f}s, "
-        f"PPO {s['time_ppo_s']:.0f}s, total {s['time_total_s']:.0f}s (process CPU time {s['cpu_time_s']:.0f}s)",
+        f"PPO {s['time_ppo_s']:.0f}s, total {s['time_total_s']:.0f}s (process CPU time {s['cpu_time_s']:.0f}s); "
+        f"peak memory {s['peak_rss_gb']:.2f} GiB",
         "targets        " + ", ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in s["targets"].items()),
     ]
     return "\n".join(lines)

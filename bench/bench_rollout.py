@@ -1,6 +1,9 @@
 """Rollout speed on a real model: ``model.generate`` vs :func:`rlhf_fast.pipeline.rollout.fast_sample`.
 
-    python bench/bench_rollout.py [--model /tmp/smol/hf] [--batch 16] [--new-tokens 32] [--runs 5]
+    python bench/bench_rollout.py [--model DIR_OR_HUB_ID] [--batch 16] [--new-tokens 32] [--runs 5]
+
+The model defaults to the pipeline's (SmolLM2-135M-Instruct, resolved as the pipeline does: local, cache,
+hub, or the package index's GGUF copy converted once).
 
 B chat-templated prompts of ~30-60 tokens, left-padded, `--new-tokens` sampled at temperature 1
 (top_p 1, top_k 0), one answer per prompt. Each run times generate, then fast_sample, then one
@@ -39,7 +42,7 @@ QUESTIONS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/tmp/smol/hf")
+    ap.add_argument("--model", default=None, help="default: the pipeline's default model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
@@ -48,8 +51,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_fast.pipeline.models import DEFAULT_MODEL, resolve_model
     from rlhf_fast.pipeline.rollout import fast_sample
 
+    args.model = resolve_model(args.model or DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

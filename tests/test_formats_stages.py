@@ -1,0 +1,52 @@
+"""Every data format through every stage that takes it, on the chat model of tests/test_real_models.py
+(SmolLM2's real tokenizer and chat template, tied embeddings): a JSONL file per format, read by the stage
+from its config, one optimizer step (one PPO iteration), the model exported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from test_formats import CASES  # noqa: E402
+from test_real_models import ASSETS, saved_chat_model  # noqa: E402
+
+from rlhf_fast.pipeline import common as C  # noqa: E402
+from rlhf_fast.pipeline.config import PPOConfig, RMConfig, SFTConfig  # noqa: E402
+from rlhf_fast.pipeline.ppo import PPOTrainer  # noqa: E402
+from rlhf_fast.pipeline.reward import RewardTrainer  # noqa: E402
+from rlhf_fast.pipeline.sft import SFTTrainer  # noqa: E402
+
+STAGE_CASES = [(stage, case) for case, (_, by_stage) in CASES.items() for stage in ("sft", "rm", "ppo")
+               if stage in by_stage]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return saved_chat_model(C.load_tokenizer(str(ASSETS)), tmp_path_factory.mktemp("chat") / "base")
+
+
+@pytest.mark.parametrize("stage, case", STAGE_CASES, ids=[f"{s}-{c}" for s, c in STAGE_CASES])
+def test_format_through_stage(tmp_path, base, stage, case):
+    row = CASES[case][0]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for _ in range(4)))
+    out = tmp_path / stage
+    common = dict(output_dir=str(out), device="cpu", seed=0)
+    if stage == "sft":
+        res = SFTTrainer(SFTConfig(model=base, data=str(data), batch_size=2, max_steps=1, eval_fraction=0.0,
+                                   max_response_len=16, **common), progress=False).train()
+        assert res["steps"] == 1
+    elif stage == "rm":
+        res = RewardTrainer(RMConfig(model=base, data=str(data), batch_size=2, max_steps=1, eval_fraction=0.0,
+                                     max_response_len=16, **common), progress=False).train()
+        assert res["steps"] == 1
+    else:
+        res = PPOTrainer(PPOConfig(policy=base, reward_model=base, prompts=str(data), iterations=1,
+                                   prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=4, minibatch_size=4,
+                                   ppo_epochs=1, eval_every=0, **common), progress=False).train()
+        assert res["iterations"] == 1
+    assert (out / "model" / "model.safetensors").exists()

@@ -50,3 +50,16 @@ def test_format_through_stage(tmp_path, base, stage, case):
                                    ppo_epochs=1, eval_every=0, **common), progress=False).train()
         assert res["iterations"] == 1
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_rm_merges_consistent_pairs_from_its_config(tmp_path, base):
+    """--merge_pairs: a > b and b > c of one prompt train as one K = 3 ranking; without it, as two pairs."""
+    rows = [{"prompt": "sky?", "chosen": "blue", "rejected": "grey"},
+            {"prompt": "sky?", "chosen": "grey", "rejected": "green"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for merge, want in ((True, [3]), (False, [2, 2])):
+        cfg = RMConfig(model=base, data=str(data), batch_size=1, max_steps=1, eval_fraction=0.0, device="cpu",
+                       merge_pairs=merge, output_dir=str(tmp_path / f"rm{merge}"))
+        tr = RewardTrainer(cfg, progress=False)
+        assert sorted(len(answers) for _, answers, _ in tr.train_rows) == want

@@ -176,6 +176,9 @@ class RMConfig(StageConfig):
     max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
     max_response_len: int = _f(512, "answer tokens kept")
     eval_fraction: float = _f(0.1, "fraction of the prompts held out for eval accuracy")
+    merge_pairs: bool = _f(False, "preference data: merge the pairs of a prompt into one ranking where they are "
+                                  "consistent (ties where neither answer is above the other; pairs in a cycle "
+                                  "stay pairs)")
 
 
 @dataclass

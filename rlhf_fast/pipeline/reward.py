@@ -109,8 +109,9 @@ class RewardTrainer(T.OneModelTrainer):
             self.packing = "padded"  # the model cannot run rlhf_fast attention: padded batches
         self.model, self.tokenizer = D.prepare(model, config, self.dist, "SEQ_CLS"), tokenizer
         self.engine = D.Engine(self.model, self.dist)
-        train_data = C.given_or_loaded(train_data, config.data, "data: give RMConfig.data (a ranked JSONL file) or "
-                                       "pass train_data=", lambda: load_ranked(config.data, **data_options(config)))
+        train_data = C.given_or_loaded(
+            train_data, config.data, "data: give RMConfig.data (a ranked JSONL file) or pass train_data=",
+            lambda: load_ranked(config.data, merge_pairs=config.merge_pairs, **data_options(config)))
         train_data, eval_data = T.split_eval(train_data, eval_data, config.eval_fraction, "prompts")
         self.encoder = Encoder(tokenizer, config.max_prompt_len, config.max_response_len, config.chat_template)
         self.train_rows = encode_ranked(self.encoder, train_data)

@@ -1,6 +1,6 @@
 # Set-up and everyday commands. Everything runs in a virtualenv (.venv) created here.
 #   make demo    install, then run the whole pipeline (SFT -> RM -> PPO-ptx) on SmolLM2-135M-Instruct and the
-#                embedded constraints task (fetches the model on first use; ~45 min on 2 busy CPU cores so far)
+#                embedded constraints task (fetches the model on first use; ~15 min on 2 CPU cores)
 #   make test    install, then run the whole test suite (what CI runs)
 #   make bench   install, then run the benchmarks and rewrite the README's performance tables
 #   make wheel-check  build the wheel, install it into a fresh venv outside the checkout, run every command

@@ -51,29 +51,12 @@ struct CpuPpoTiles : CpuTiles {
 
 }  // namespace
 
-// The CUDA kernels' schema (no clamp arguments): the defaults of linear_ppo::forward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_loss_fwd_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-    const at::Tensor& row_weight, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& ref_logprobs, int64_t n_policy, double kl_coef, int64_t kl_estimator,
-    double entropy_coef, double clip_low, double clip_high, double dual_clip, double temperature, int64_t ignore_index,
-    bool compute_grad, int64_t tile_rows) {
-  return linear_ppo::forward<CpuPpoTiles>(hidden, weight, bias, labels, row_weight, old_logprobs, advantages,
-                                          ref_logprobs, n_policy, kl_coef, kl_estimator, entropy_coef, clip_low,
-                                          clip_high, dual_clip, temperature, ignore_index, compute_grad, tile_rows);
-}
-
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
   // hidden (R, H): policy rows [0, n_policy) then ptx rows; optional lm_head bias (V,); per-row fp32
   // weight (aggregation), old log-probs, advantages, optional reference log-probs. -> (loss (), sums
   // (13,) float64, grad_hidden (R, H) or (0,), grad_weight (V, H) or (0,), grad_bias (V,) or (0,)).
-  m.def("linear_ppo_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor row_weight, Tensor old_logprobs, "
-        "Tensor advantages, Tensor? ref_logprobs, int n_policy, float kl_coef, int kl_estimator, float entropy_coef, "
-        "float clip_low, float clip_high, float dual_clip, float temperature, int ignore_index, bool compute_grad, "
-        "int tile_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // the same with the clamp of logprob - old_logprobs before exp and the cap of the KL value (0: none,
-  // kl_cap < 0: the estimator's default); linear_ppo_loss_fwd (the CUDA kernels' schema) uses 20 and
-  // the default cap
+  // log_ratio_clamp: the clamp of logprob - old_logprobs before exp; kl_cap: the cap of the KL value (0: none,
+  // kl_cap < 0: the estimator's default)
   m.def("linear_ppo_loss_clamped_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor row_weight, "
         "Tensor old_logprobs, Tensor advantages, Tensor? ref_logprobs, int n_policy, float kl_coef, int kl_estimator, "
         "float entropy_coef, float clip_low, float clip_high, float dual_clip, float temperature, int ignore_index, "
@@ -82,7 +65,6 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
-  m.impl("linear_ppo_loss_fwd", &linear_ppo_loss_fwd_cpu);
   m.impl("linear_ppo_loss_clamped_fwd", &linear_ppo::forward<CpuPpoTiles>);
 }
 

@@ -1,14 +1,11 @@
 // CPU entry points of the RL losses: kl_penalty, ppo_policy_loss, value_loss. Argument checks,
 // allocation and the finalize step (per-tile partials -> loss, per-row weights, statistics) are
 // here; the SIMD kernels are csrc/cpu/kernels/ppo_losses_kernel.h (chosen per CPU capability by
-// csrc/cpu/dispatch.h), the per-token math rlhf_fast/ppo_losses_math.h. The schemas below are the
-// ones the CUDA kernels (csrc/cuda/ppo_losses.cu) implement too.
+// csrc/cpu/dispatch.h), the per-token math rlhf_fast/ppo_losses_math.h.
 //
 // Numerical safety: kl_penalty_capped_fwd and ppo_policy_loss_clamped_fwd take the value cap of the
-// KL estimate and the log-ratio clamp before exp as arguments. kl_penalty_fwd and
-// ppo_policy_loss_fwd are the schemas of the CUDA kernels, which compute the defaults of
-// rlhf_fast/ppo_losses_math.h (log-ratio clamp 20, k3 capped at 10); here they call the former with
-// those defaults.
+// KL estimate and the log-ratio clamp before exp as arguments (the Python layer passes the defaults of
+// rlhf_fast/ppo_losses_math.h: log-ratio clamp 20, k3 capped at 10).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -90,14 +87,6 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_capped_fwd_cpu(const at::Tensor& l
   return {kl, dkl};
 }
 
-// The CUDA kernels' schema: the estimator's default cap (ppo::default_kl_cap).
-std::tuple<at::Tensor, at::Tensor> kl_penalty_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                                                      int64_t estimator, std::optional<double> clamp, bool need_grad) {
-  const float cap = ppo::default_kl_cap(int(estimator));
-  return kl_penalty_capped_fwd_cpu(logprobs, ref_logprobs, estimator, clamp,
-                                   cap > 0.f ? std::optional<double>(cap) : std::nullopt, need_grad);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_clamped_fwd_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
     double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
@@ -141,16 +130,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_clamp
   return {out.loss, out.stats, out.token_grad, out.row_scale};
 }
 
-// The CUDA kernels' schema: the default log-ratio clamp (ppo::kDefaultLogRatioClamp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(
-    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
-    double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, int64_t aggregation,
-    const std::optional<at::Tensor>& num_items, int64_t num_items_int, int64_t norm_length, bool need_grad) {
-  return ppo_policy_loss_clamped_fwd_cpu(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high,
-                                         dual_clip, double(ppo::kDefaultLogRatioClamp), aggregation, num_items,
-                                         num_items_int, norm_length, need_grad);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns, const at::Tensor& mask,
     double clip_eps, int64_t aggregation, const std::optional<at::Tensor>& num_items, int64_t num_items_int,
@@ -190,17 +169,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_fwd_cpu(
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
   // logprobs, ref_logprobs (R, C) -> (kl (R, C) fp32, dk/dx (R, C) fp32 or (0,) without need_grad);
   // estimator 0..3 = k1, abs, k2, k3
-  m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float? clamp, bool need_grad) "
-        "-> (Tensor, Tensor)");
-  // the same with the cap of the value (None: no cap); kl_penalty_fwd uses the estimator's default
+  // cap: the cap of the value (None: no cap)
   m.def("kl_penalty_capped_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float? clamp, float? cap, "
         "bool need_grad) -> (Tensor, Tensor)");
   // (B, T) inputs -> (loss () fp32, stats (6,) fp32, token_grad (B, T) fp32 or (0,), row_scale (B,) fp32);
-  // aggregation 0..3 as AGGREGATIONS; num_items tensor, else num_items_int (-1: none); norm_length -1: T
-  m.def("ppo_policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
-        "float clip_eps_low, float clip_eps_high, float? dual_clip, int aggregation, Tensor? num_items, "
-        "int num_items_int, int norm_length, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  // the same with the clamp of logprobs - old_logprobs before exp (None: none); ppo_policy_loss_fwd uses 20
+  // aggregation 0..3 as AGGREGATIONS; num_items tensor, else num_items_int (-1: none); norm_length -1: T;
+  // log_ratio_clamp: the clamp of logprobs - old_logprobs before exp (None: none)
   m.def("ppo_policy_loss_clamped_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
         "float clip_eps_low, float clip_eps_high, float? dual_clip, float? log_ratio_clamp, int aggregation, "
         "Tensor? num_items, int num_items_int, int norm_length, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -211,9 +185,7 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
-  m.impl("kl_penalty_fwd", &kl_penalty_fwd_cpu);
   m.impl("kl_penalty_capped_fwd", &kl_penalty_capped_fwd_cpu);
-  m.impl("ppo_policy_loss_fwd", &ppo_policy_loss_fwd_cpu);
   m.impl("ppo_policy_loss_clamped_fwd", &ppo_policy_loss_clamped_fwd_cpu);
   m.impl("value_loss_fwd", &value_loss_fwd_cpu);
 }

@@ -120,13 +120,15 @@ class OpRegistry:
     _has_limits: bool = field(default=False, repr=False)
 
     def register(self, backend: str, forward: Callable, backward: Callable | None = None,
-                 limits: Callable[..., list[str]] | None = None, native: bool = True) -> None:
-        """`native=False` registers a cpu/cuda backend written in Python (no rlhf_fast_C::<op>_fwd)."""
+                 limits: Callable[..., list[str]] | None = None, native: bool = True,
+                 native_op: str | None = None) -> None:
+        """`native=False` registers a cpu/cuda backend written in Python (no rlhf_fast_C::<op>_fwd);
+        `native_op` names the rlhf_fast_C schema a native backend calls (default ``<op>_fwd``)."""
         if backend not in BACKEND_INFO:
             raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
         missing = None
         if native and backend in NATIVE_KEYS and _native.has_native() and not _native.has_native_kernel(
-                f"{self.name}_fwd", NATIVE_KEYS[backend]):
+                native_op or f"{self.name}_fwd", NATIVE_KEYS[backend]):
             missing = f"rlhf_fast._C has no {backend} kernel for {self.name}"
         self.impls[backend] = OpImpl(forward, backward, limits, missing, native)
         self._chosen.clear()

@@ -60,7 +60,7 @@ def _triton_forward(logprobs, ref_logprobs, estimator, clamp, cap, need_grad):
 
 
 OP.register("torch", _torch_forward)
-OP.register("cpu", _cpu_forward)
+OP.register("cpu", _cpu_forward, native_op="kl_penalty_capped_fwd")
 OP.register("triton", _triton_forward)
 
 

@@ -132,7 +132,7 @@ def _triton_forward(rows, weight, bias, labels, row_weight, old, adv, ref, n_pol
 
 
 OP.register("torch", _torch_forward)
-OP.register("cpu", _cpu_forward)
+OP.register("cpu", _cpu_forward, native_op="linear_ppo_loss_clamped_fwd")
 OP.register("triton", _triton_forward)
 
 

@@ -77,7 +77,7 @@ def _triton_forward(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip
 
 
 OP.register("torch", _torch_forward)
-OP.register("cpu", _cpu_forward)
+OP.register("cpu", _cpu_forward, native_op="ppo_policy_loss_clamped_fwd")
 OP.register("triton", _triton_forward)
 
 

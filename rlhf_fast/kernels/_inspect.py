@@ -235,15 +235,37 @@ def inspect_compiled(kernel, label: str, num_warps: int, num_stages: int,
         requires_tensor_cores=requires_tensor_cores, **sass_features(sass))
 
 
-def inspect_specs(specs, archs=DEFAULT_ARCHS) -> list[KernelReport]:
-    """Compile every spec for every arch (compute capabilities, e.g. (80, 90)) and inspect it."""
-    reports = []
-    for spec in specs:
-        for cap in archs:
-            kernel = compile_spec(spec, cap)
-            reports.append(inspect_compiled(kernel, spec.label, spec.num_warps, spec.num_stages,
-                                            spec.requires_tensor_cores))
-    return reports
+def _inspect_one(spec, cap: int) -> KernelReport:
+    kernel = compile_spec(spec, cap)
+    return inspect_compiled(kernel, spec.label, spec.num_warps, spec.num_stages, spec.requires_tensor_cores)
+
+
+_WORKER_SPECS: dict = {}
+
+
+def _worker_init() -> None:
+    _WORKER_SPECS.update((s.label, s) for s in all_specs())
+
+
+def _worker_inspect(label: str, cap: int) -> KernelReport:
+    return _inspect_one(_WORKER_SPECS[label], cap)
+
+
+def inspect_specs(specs, archs=DEFAULT_ARCHS, jobs: int | None = None) -> list[KernelReport]:
+    """Compile every spec for every arch (compute capabilities, e.g. (80, 90)) and inspect it, in `jobs`
+    worker processes (default: one per CPU core; each compile is single-threaded Python, MLIR and ptxas).
+    Specs of :func:`all_specs` go to the workers by label; any other spec is compiled here."""
+    work = [(spec, cap) for spec in specs for cap in archs]
+    jobs = max(1, min(len(work), jobs or os.cpu_count() or 1))
+    known = {s.label for s in all_specs()} if jobs > 1 else set()
+    if jobs == 1 or not all(spec.label in known for spec, _ in work):
+        return [_inspect_one(spec, cap) for spec, cap in work]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init) as pool:
+        return list(pool.map(_worker_inspect, [s.label for s, _ in work], [c for _, c in work]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,6 +160,23 @@ def _flat_state(models: dict, optimizers: dict) -> tuple[dict[str, Tensor], dict
     return flat, groups
 
 
+def _unique(flat: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`flat` without the entries whose (local) tensor shares memory with an earlier one: a tied weight
+    (lm_head = embed_tokens) and its optimizer state appear under two names, safetensors stores a memory
+    once. DCP loads in place, so loading the first name fills the other too."""
+    out, seen = {}, set()
+    for k, v in flat.items():
+        local = v.to_local() if hasattr(v, "to_local") else v
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape)) \
+            if local.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out[k] = v
+    return out
+
+
 def _save_rng(path: Path, d: Dist) -> None:
     from safetensors.torch import save_file
 
@@ -208,7 +225,7 @@ def save_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedule
 
         _, HuggingFaceStorageWriter = _hf_storage()
         flat, groups = _flat_state(models, optimizers)
-        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
+        dcp.save(_unique(flat), storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
         if d.is_main:
             meta = {"state": state, "format": "dcp-safetensors", "world_size": d.world_size,
                     "param_groups": groups,
@@ -237,11 +254,14 @@ def load_checkpoint(d: Dist, directory, models: dict, optimizers: dict, schedule
     if meta.get("format") != "dcp-safetensors":
         raise ValueError(f"resume: {ck} is a single-file checkpoint; resume it with --distributed none or ddp")
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     HuggingFaceStorageReader, _ = _hf_storage()
     flat, _ = _flat_state(models, optimizers)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ck / SHARDED_DIR)))
+    dcp.load(_unique(flat), storage_reader=HuggingFaceStorageReader(str(ck / SHARDED_DIR)))
     for name, m in models.items():
         pre = f"{name}/"
         set_model_state_dict(m, {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})

@@ -1,4 +1,4 @@
-"""``rlhf-fast pipeline|sft|rm|ppo``: the command line of the pipeline, generated from the config
+"""``rlhf-fast pipeline|sft|rm|ppo|grpo|dpo``: the command line of the pipeline, generated from the config
 dataclasses (every field is an option; ``--config run.yaml`` sets fields first). Imports of torch and
 transformers happen only when a command runs.
 
@@ -12,7 +12,16 @@ import json
 import os
 import sys
 
-from rlhf_fast.pipeline.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig, add_arguments, from_args
+from rlhf_fast.pipeline.config import (
+    DPOConfig,
+    GRPOConfig,
+    PipelineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    add_arguments,
+    from_args,
+)
 
 
 def _say(*lines) -> None:
@@ -122,6 +131,30 @@ def _ppo(args) -> int:
     return 0
 
 
+def _grpo(args) -> int:
+    from rlhf_fast.pipeline.grpo import GRPOTrainer
+
+    cfg = from_args(GRPOConfig, args)
+    prompts = None
+    if not cfg.prompts:
+        _, _, data = _default_task_data(cfg)
+        prompts = data["ppo_prompts"]
+    result = GRPOTrainer(cfg, prompts=prompts, progress=not args.quiet).train()
+    _say(json.dumps(result, indent=2), f"policy: {cfg.output_dir}/model")
+    return 0
+
+
+def _dpo(args) -> int:
+    from rlhf_fast.pipeline.dpo import DPOTrainer
+
+    cfg = from_args(DPOConfig, args)
+    if not cfg.data:
+        raise ValueError("--data: preference data is required ({prompt, chosen, rejected} or ranked rows)")
+    result = DPOTrainer(cfg, progress=not args.quiet).train()
+    _say(json.dumps(result, indent=2), f"model: {cfg.output_dir}/model")
+    return 0
+
+
 def _run(fn):
     def wrapped(args) -> int:
         from rlhf_fast.pipeline import distributed as D
@@ -139,12 +172,14 @@ def _run(fn):
 
 
 def add_subcommands(sub) -> None:
-    """Register ``pipeline``, ``sft``, ``rm`` and ``ppo`` on an argparse sub-parser collection."""
+    """Register ``pipeline``, ``sft``, ``rm``, ``ppo``, ``grpo`` and ``dpo`` on an argparse sub-parser collection."""
     specs = [
         ("pipeline", PipelineConfig, _pipeline, "SFT -> reward model -> PPO-ptx end to end (default: embedded task)"),
         ("sft", SFTConfig, _sft, "supervised fine-tuning on prompt-completion or conversation data"),
         ("rm", RMConfig, _rm, "reward model from the SFT model and ranked answers"),
         ("ppo", PPOConfig, _ppo, "PPO-ptx from the SFT policy and the reward model"),
+        ("grpo", GRPOConfig, _grpo, "GRPO / RLOO / Dr. GRPO / DAPO from a policy, rule rewards and/or a reward model"),
+        ("dpo", DPOConfig, _dpo, "DPO and its variants from a policy and preference pairs"),
     ]
     for name, cls, fn, help_text in specs:
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or "").strip(),

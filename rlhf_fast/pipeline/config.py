@@ -235,6 +235,83 @@ class PPOConfig(StageConfig):
 
 
 @dataclass
+class GRPOConfig(StageConfig):
+    """GRPO and its family (Dr. GRPO, DAPO, RLOO, REINFORCE++): K answers per prompt, group-relative advantages
+    from rule rewards and/or a reward model, no critic; the clipped-ratio loss straight from the lm_head."""
+
+    lora_r: int = _f(0, "LoRA rank (peft) of the policy; 0: train every weight. With LoRA and beta > 0 the "
+                        "reference is the policy with its adapter disabled")
+    model: str = _f(DEFAULT_MODEL, "the policy to train (path or hub id; usually the SFT model), and the frozen "
+                                   "reference when beta > 0")
+    reward_model: str | None = _f(None, "a reward model (path) scoring each answer at its last token; rule rewards "
+                                        "are added to its score. Give it, --rule_rewards, or both")
+    prompts: str | None = _f(None, "prompt data: {prompt} rows, or the prompts of any other format (empty: the "
+                                   "default task's prompts)")
+    rule_rewards: list = _f([], "rule rewards 'module:function' (fn(prompt, response) -> float); the embedded task "
+                                "has 'rlhf_fast.pipeline.constraints:rubric_reward'")
+    rule_reward_coef: float = _f(1.0, "weight of the summed rule rewards")
+    output_dir: str = _f("runs/grpo", "where the policy, metrics and checkpoints go")
+    iterations: int = _f(100, "rollout + update iterations")
+    prompts_per_iteration: int = _f(16, "prompts sampled per iteration (all ranks together)")
+    num_generations: int = _f(8, "K: answers generated per prompt (a group)")
+    max_new_tokens: int = _f(128, "most tokens generated per answer")
+    temperature: float = _f(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    advantage: str = _f("grpo", "advantage estimator (rlhf_fast.group_advantages mode): 'grpo', 'dr_grpo', "
+                                "'rloo' (leave-one-out baseline: RLOO), 'reinforce_pp' or 'reinforce_pp_baseline'")
+    scale_rewards: str | None = _f(None, "'group', 'batch' or 'none': what the centred scores are divided by "
+                                         "(TRL's scale_rewards; empty: the estimator's own: grpo group, dr_grpo "
+                                         "and rloo none, reinforce_pp batch)")
+    loss_type: str = _f("dapo", "how per-token losses become the loss (TRL's loss_type): 'grpo' (mean over answers "
+                                "of each answer's token mean), 'bnpo' / 'dapo' (mean over the step's tokens; ours "
+                                "always counts every rank's tokens, so the two are one), 'dr_grpo' (token sum / "
+                                "(answers x max_new_tokens))")
+    beta: float = _f(0.0, "weight of the k3 KL to the reference in the loss (0: no reference model is held)")
+    epsilon: float = _f(0.2, "lower ratio clip: 1 - epsilon")
+    epsilon_high: float | None = _f(None, "upper ratio clip 1 + epsilon_high (DAPO's clip-higher); empty: epsilon")
+    num_iterations: int = _f(1, "mu: optimisation passes over each rollout (1: on-policy, the ratio is 1)")
+    prompts_per_step: int = _f(0, "prompts (groups) per optimizer step, all ranks together (0: the whole "
+                                  "iteration in one step); a group is never split")
+    old_logprobs: str = _f("auto", "as PPO's: 'sampler', 'recompute' or 'auto' (sampler in fp32)")
+    lr: float | None = _f(None, "learning rate (AdamW, constant); empty: 1e-6, or 2e-5 with LoRA")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    packing: str = _f("shared_prefix", "'shared_prefix' (each prompt computed once for its K answers, forward and "
+                                       "backward) or 'padded' (K [prompt, answer] rows)")
+    max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    log_every: int = _f(1, "log metrics every this many iterations")
+    eval_every: int = _f(0, "score held-out prompts with the gold preference every this many iterations "
+                            "(pipeline; 0: off)")
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """DPO and its variants on preference pairs: the reference is the starting model (its log-probs computed
+    once before training; with LoRA the model with its adapter disabled)."""
+
+    model: str = _f(DEFAULT_MODEL, "the model to train (path or hub id; usually the SFT model): also the reference")
+    data: str | None = _f(None, "preference data: {prompt, chosen, rejected}, implicit-prompt {chosen, rejected} or "
+                                "ranked {prompt, responses, ranking} rows (every strictly ordered pair of a "
+                                "ranking is one pair)")
+    output_dir: str = _f("runs/dpo", "where the model, metrics and checkpoints go")
+    epochs: int = _f(1, "passes over the pairs")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
+    batch_size: int = _f(16, "pairs per optimizer step (all ranks together)")
+    lr: float | None = _f(None, "peak learning rate (linear warm-up then cosine decay); empty: 1e-6, or 5e-5 with "
+                                "LoRA")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(-1, "linear warm-up steps (-1: 10% of the steps)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    beta: float = _f(0.1, "the DPO temperature (for ipo: tau)")
+    loss_type: str = _f("sigmoid", "'sigmoid' (DPO), 'ipo', 'hinge', 'robust' or 'sigmoid_norm' (rlhf_fast.dpo_loss)")
+    label_smoothing: float = _f(0.0, "assumed label-flip probability (sigmoid: cDPO; robust)")
+    packing: str = _f("shared_prefix", "'shared_prefix' (the prompt computed once for chosen and rejected) or "
+                                       "'padded'")
+    max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
+    max_response_len: int = _f(512, "answer tokens kept")
+    eval_fraction: float = _f(0.05, "fraction of the pairs held out for the eval loss and reward accuracy")
+
+
+@dataclass
 class PipelineConfig:
     """SFT -> reward model -> PPO-ptx, end to end (default: SmolLM2-135M-Instruct on the constraints task)."""
 
@@ -349,8 +426,9 @@ def _iter_fields(cls, prefix=""):
 
 
 _NESTED = {"ModelConfig": ModelConfig, "TaskConfig": TaskConfig, "SFTConfig": SFTConfig, "RMConfig": RMConfig,
-           "PPOConfig": PPOConfig}
-_SECTION.update({PipelineConfig: "pipeline", SFTConfig: "sft", RMConfig: "rm", PPOConfig: "ppo"})
+           "PPOConfig": PPOConfig, "GRPOConfig": GRPOConfig, "DPOConfig": DPOConfig}
+_SECTION.update({PipelineConfig: "pipeline", SFTConfig: "sft", RMConfig: "rm", PPOConfig: "ppo",
+                 GRPOConfig: "grpo", DPOConfig: "dpo"})
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:

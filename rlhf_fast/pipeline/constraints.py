@@ -19,7 +19,8 @@ The constraints (each scored in [0, 1] by :meth:`ConstraintTask.rubric`):
 The gold score of an answer is the mean of its prompt's constraint scores, in [0, 1]; the best answer scores
 1.0. The simulated labeler ranks K answers by the gold score plus Gaussian noise (labelers disagree); the
 reward model only ever sees those rankings; the gold scorer is used by the labeler, to pick the SFT
-demonstrations and by the held-out evaluation, never by PPO.
+demonstrations and by the held-out evaluation, never by PPO; GRPO may take it as a verifiable reward
+(:func:`rubric_reward`).
 
 The SFT demonstrations simulate a labeler who writes answers from a draft: the best of K samples of the base
 model under the rubric, then edited (:meth:`ConstraintTask.demonstration`) to meet each of the prompt's
@@ -31,6 +32,7 @@ contrasting answers to learn from and PPO a behaviour to make reliable.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -211,3 +213,14 @@ class ConstraintTask:
     def rank(self, prompt: str, responses: list[str], generator: torch.Generator) -> list[int]:
         """The simulated labeler: ranks (0 = best) by gold score + N(0, label_noise^2)."""
         return noisy_ranks([self.gold_score(prompt, r) for r in responses], self.label_noise, generator)
+
+
+def rubric_reward(prompt: str, response: str) -> float:
+    """The constraints task's rubric as a verifiable reward for ``--rule_rewards``: the gold score in [0, 1]
+    (the mean of the prompt's constraint scores)."""
+    return _rubric_task().gold_score(prompt, response)
+
+
+@functools.lru_cache(maxsize=1)
+def _rubric_task() -> ConstraintTask:
+    return ConstraintTask()

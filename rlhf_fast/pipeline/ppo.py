@@ -21,8 +21,6 @@ answer tokens over all ranks, and the advantages are whitened with all-reduced s
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,45 +29,16 @@ import torch
 from torch import Tensor
 
 import rlhf_fast
-from rlhf_fast.pipeline import checkpoint as CK
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.chat import Encoder
-from rlhf_fast.pipeline.config import PPOConfig, data_options, learning_rate
-from rlhf_fast.pipeline.data import IGNORE, load_prompts, load_ptx
-from rlhf_fast.pipeline.generation import Samples, sample
+from rlhf_fast.pipeline.config import PPOConfig, learning_rate
+from rlhf_fast.pipeline.data import IGNORE, load_ptx
+from rlhf_fast.pipeline.generation import Samples
+from rlhf_fast.pipeline.rl import RolloutTrainer, load_rule, without_adapter
 from rlhf_fast.pipeline.sft import encode_lm
 
-
-def load_rule(spec: str) -> Callable[[str, str], float]:
-    """A rule reward ``module:function`` (or ``path/to/file.py:function``): fn(prompt, response) -> float."""
-    if ":" not in spec:
-        raise ValueError(f"rule_rewards: expected 'module:function' or 'file.py:function', got {spec!r}")
-    mod_name, fn_name = spec.rsplit(":", 1)
-    if mod_name.endswith(".py"):
-        path = Path(mod_name)
-        if not path.is_file():
-            raise ValueError(f"rule_rewards: no such file {mod_name!r} (in {spec!r})")
-        spec_ = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"rule_rewards: cannot import {mod_name!r} (in {spec!r}): {e}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"rule_rewards: {mod_name!r} has no function {fn_name!r}")
-    return fn
-
-
-def _without_adapter(fn):
-    """fn(model, ...) run with the peft model's LoRA adapter disabled (the base model)."""
-    def run(model, *args, **kwargs):
-        with model.disable_adapter():
-            return fn(model, *args, **kwargs)
-    return run
+__all__ = ["AdaptiveKL", "PPOTrainer", "load_rule", "values_of"]
 
 
 class AdaptiveKL:
@@ -90,7 +59,7 @@ def values_of(critic, head, input_ids, attention_mask) -> Tensor:
     return head(h).squeeze(-1).float()
 
 
-class PPOTrainer:
+class PPOTrainer(RolloutTrainer):
     """PPO-ptx on prompts with a reward model.
 
     ``PPOTrainer(config, policy=..., reward_model=..., tokenizer=..., prompts=[{"prompt"}, ...],
@@ -107,7 +76,12 @@ class PPOTrainer:
     Under torchrun each rank generates for rows ``r::world_size`` of the iteration's prompts, scores and
     updates on its own answers; the reward normalisation, advantage whitening, KL statistics and every
     loss's ``num_items`` are global (all-reduced), so they do not depend on the world size.
+
+    The step loop, resume, logging and checkpoints are :class:`~rlhf_fast.pipeline.trainer.Trainer`'s; one
+    step is one iteration (rollout, then ``ppo_epochs`` passes of minibatch updates).
     """
+
+    STAGE, DESC, POSTFIX = "ppo", "ppo", ("score", "kl_per_token")
 
     def __init__(self, config: PPOConfig, *, policy=None, reward_model=None, tokenizer=None,
                  prompts: list[dict] | None = None, ptx_data: list[dict] | None = None,
@@ -128,16 +102,10 @@ class PPOTrainer:
                                         seed=cfg.seed))
         if cfg.old_logprobs not in ("auto", "sampler", "recompute"):
             raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {cfg.old_logprobs!r}")
-        for name in ("temperature", "top_p", "clip_eps", "minibatch_size", "samples_per_prompt",
-                     "prompts_per_iteration", "max_new_tokens"):
+        for name in ("clip_eps", "minibatch_size", "samples_per_prompt"):
             if not getattr(cfg, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(cfg, name)}")
-        if cfg.grad_accum < 1:
-            raise ValueError(f"grad_accum: must be >= 1, got {cfg.grad_accum}")
-        if cfg.prompts_per_iteration % d.world_size:
-            raise ValueError(f"prompts_per_iteration: {cfg.prompts_per_iteration} is not a multiple of the world "
-                             f"size {d.world_size} (every rank generates for the same number of prompts)")
-        self.tokenizer = tokenizer
+        self._setup_prompts(cfg, tokenizer, prompts, rules, cfg.samples_per_prompt)
         policy = policy.to(self.device)
         reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         if cfg.lora_r:
@@ -156,25 +124,14 @@ class PPOTrainer:
         self.rm_run = None if self.reward_model is None else D.Engine(self.reward_model, d, trainable=False)
         self.rm_head = None if self.reward_model is None else C.scalar_head(self.reward_model)
         self.critic_head = C.scalar_head(self.critic)
-        if prompts is None:
-            if not cfg.prompts:
-                raise ValueError("prompts: give PPOConfig.prompts (a JSONL file) or pass prompts=")
-            prompts = load_prompts(cfg.prompts, **data_options(cfg))
-        if not prompts:
-            raise ValueError("prompts: no prompts")
         if ptx_data is None and cfg.ptx_data:
             ptx_data = load_ptx(cfg.ptx_data)
-        self.prompts = prompts
         self.ptx_data = ptx_data or []
         if self.ptx_data and cfg.ptx_coef != 0:
             D.check_batch("ptx_batch_size", cfg.ptx_batch_size, d, cfg.grad_accum)
-        self.rules = list(rules or []) + [load_rule(s) for s in cfg.rule_rewards]
         self.evaluator = evaluator
         self.progress = progress
-        self.encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens, cfg.chat_template)
         self.ptx_encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens + 2, cfg.chat_template)
-        self.prompt_ids = [self.encoder.prompt(p["prompt"], p.get("_where", ""), p.get("system"),
-                                               p.get("chat_template_kwargs")) for p in prompts]
         self.actor_opt = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=learning_rate(cfg, 1e-6, 2e-5),
                                            betas=(0.9, 0.95), weight_decay=0.0)
         critic_lr = cfg.critic_lr if cfg.critic_lr is not None else (1e-4 if cfg.lora_r else 1e-5)
@@ -182,28 +139,21 @@ class PPOTrainer:
                                             betas=(0.9, 0.95), weight_decay=0.0)
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.score_norm: tuple[float, float] | None = None
-        self.iteration = 0
+        self.step_count, self.total_steps = 0, cfg.iterations
         self.sampler_logprobs = cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto"
                                                                   and d.precision != "bf16")
 
     # -- rollout ---------------------------------------------------------------------------
-    def prompts_at(self, iteration: int) -> list[int]:
-        """The global prompt indices of an iteration (each rank generates for its share, :func:`D.shard`)."""
-        g = torch.Generator().manual_seed(C.step_seed(self.config.seed, 1, iteration))
-        n = len(self.prompts)
-        k = self.config.prompts_per_iteration
-        return torch.randperm(n, generator=g)[:k].tolist() if k <= n else torch.randint(n, (k,), generator=g).tolist()
-
     def ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """(B, T-1) log-probs of the reference policy: the frozen SFT copy, or with LoRA the actor with its
         adapter disabled."""
         t = self.config.temperature
         if self.ref_run is not None:
             return self.ref_run.no_grad(C.token_logprobs, input_ids, attention_mask, labels, t)
-        return self.actor_run.no_grad(_without_adapter(C.token_logprobs), input_ids, attention_mask, labels, t)
+        return self.actor_run.no_grad(without_adapter(C.token_logprobs), input_ids, attention_mask, labels, t)
 
     @torch.no_grad()
-    def scores(self, s: Samples, prompt_texts: list[str]) -> tuple[Tensor, Tensor]:
+    def scores(self, s: Samples, idx: list[int]) -> tuple[Tensor, Tensor]:
         """(raw RM score + rule rewards (B,), the RM score alone (B,))."""
         def rm_score(model):
             h = C.hidden_states(model, s.input_ids, s.attention_mask)
@@ -211,13 +161,9 @@ class PPOTrainer:
             return C.scalar_head(model)(last).squeeze(-1).float()
 
         rm = self.rm_run.no_grad(rm_score) if self.rm_run is not None else \
-            self.critic_run.no_grad(_without_adapter(rm_score))
-        total = rm.clone()
-        if self.rules:
-            texts = s.texts(self.tokenizer)
-            extra = [sum(float(rule(prompt_texts[int(i)], t)) for rule in self.rules)
-                     for i, t in zip(s.prompt_index.tolist(), texts, strict=True)]
-            total = total + self.config.rule_reward_coef * torch.tensor(extra, device=self.device)
+            self.critic_run.no_grad(without_adapter(rm_score))
+        rules = self.rule_scores(s, idx)
+        total = rm.clone() if rules is None else rm + self.config.rule_reward_coef * rules
         return total, rm
 
     @torch.no_grad()
@@ -225,21 +171,13 @@ class PPOTrainer:
         """This rank's answers to its share of the iteration's prompts, with old / reference log-probs,
         values, shaped rewards, GAE advantages (whitened over all ranks) and returns; statistics global."""
         cfg, d = self.config, self.dist
-        idx = D.shard(self.prompts_at(iteration), d)
-        prompt_ids = [self.prompt_ids[i] for i in idx]
-        texts = [self.prompts[i]["prompt"] for i in idx]
-        # the sampling of this iteration (rank 0 draws what a single process draws)
-        torch.manual_seed(C.step_seed(cfg.seed, 2, iteration, *([d.rank] if d.rank else [])))
-        s = self.actor_run.no_grad(sample, prompt_ids, num_samples=cfg.samples_per_prompt,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   pad_id=self.tokenizer.pad_token_id, eos_id=self.encoder.stop_ids,
-                                   device=self.device, return_logprobs=self.sampler_logprobs)
+        idx, s = self.generate(iteration, self.sampler_logprobs)
         old_lp = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
             self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
         ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
         values = self.critic_run.no_grad(
             lambda m: values_of(m, C.scalar_head(m), s.input_ids, s.attention_mask))
-        score, rm_score = self.scores(s, texts)
+        score, rm_score = self.scores(s, idx)
         if self.score_norm is None:  # the first rollout's answers (all ranks) set the scale of the reward
             mean, std, _ = D.global_mean_std(score, d)
             self.score_norm = (mean, max(std, 1e-6))
@@ -348,13 +286,16 @@ class PPOTrainer:
         out["actor_grad_norm"], out["critic_grad_norm"] = actor_gnorm, critic_gnorm
         return out
 
+    def batch_at(self, step: int) -> int:
+        return step
+
     def step(self, iteration: int | None = None) -> dict:
         """One PPO iteration: rollout, then ppo_epochs x minibatch updates. Returns the logged statistics.
 
         Each rank splits its rollout rows into minibatches of ``ceil(minibatch_size / world_size)`` rows
         (every rank has as many rows, so as many minibatches)."""
         cfg, d = self.config, self.dist
-        it = self.iteration if iteration is None else iteration
+        it = self.step_count if iteration is None else iteration
         t0 = time.time()
         ro = self.rollout(it)
         t_roll = time.time() - t0
@@ -374,7 +315,7 @@ class PPOTrainer:
         stats.update(ro["stats"])
         self.kl_ctl.update(ro["stats"]["kl_per_token"], ro["rows"])
         stats["rollout_s"], stats["step_s"] = t_roll, time.time() - t0
-        self.iteration = it + 1
+        self.step_count = it + 1
         return stats
 
     # -- loop ------------------------------------------------------------------------------
@@ -382,42 +323,19 @@ class PPOTrainer:
         return ({"actor": self.actor, "critic": self.critic},
                 {"actor": self.actor_opt, "critic": self.critic_opt}, {})
 
-    def _state(self, done=False):
-        return {"step": self.iteration, "beta": self.kl_ctl.beta,
+    def state(self, done: bool = False) -> dict:
+        return {"step": self.step_count, "beta": self.kl_ctl.beta,
                 "score_norm": list(self.score_norm) if self.score_norm else None, "done": done}
 
-    def train(self) -> dict:
-        from tqdm.auto import tqdm
+    def load_state(self, st: dict) -> None:
+        self.step_count, self.kl_ctl.beta = st["step"], st["beta"]
+        self.score_norm = tuple(st["score_norm"]) if st["score_norm"] else None
 
-        cfg, d = self.config, self.dist
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        log = C.MetricsLog(out, "ppo", enabled=d.is_main)
-        if cfg.resume:
-            st = CK.load_checkpoint(d, out, *self._ckpt())
-            if st is not None:
-                self.iteration, self.kl_ctl.beta = st["step"], st["beta"]
-                self.score_norm = tuple(st["score_norm"]) if st["score_norm"] else None
-                log.truncate_after(self.iteration)
-        t0 = time.time()
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", disable=not (self.progress and d.is_main),
-                   dynamic_ncols=True)
-        while self.iteration < cfg.iterations:
-            stats = self.step()
-            if self.evaluator is not None and cfg.eval_every and (self.iteration % cfg.eval_every == 0):
-                stats.update(self.actor_run.no_grad(self.evaluator))  # every rank: FSDP generation is collective
-            bar.update(1)
-            if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
-                log.log(self.iteration, **stats)
-            bar.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl_per_token']:.3f}")
-            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0 \
-                    and self.iteration < cfg.iterations:
-                CK.save_checkpoint(d, out, *self._ckpt(), self._state())
-        bar.close()
-        log.close()
+    def result_fields(self) -> dict:
+        return {"iterations": self.step_count, "beta": self.kl_ctl.beta}
+
+    def export(self, out: Path) -> None:
         self.save(out)
-        CK.save_checkpoint(d, out, *self._ckpt(), self._state(done=True))
-        return {"iterations": self.iteration, "train_time_s": time.time() - t0, "beta": self.kl_ctl.beta}
 
     def save(self, out) -> None:
         """Hugging Face exports of the policy (``out/model``) and the critic (``out/critic``): rank 0 writes,

@@ -1,0 +1,261 @@
+"""GRPO and its family: per iteration, K answers to each of the iteration's prompts, a score per answer
+(rule rewards and/or a frozen reward model), group-relative advantages (:func:`rlhf_fast.group_advantages`:
+GRPO, Dr. GRPO, RLOO's leave-one-out baseline, REINFORCE++), then ``num_iterations`` passes of the
+clipped-ratio loss with an optional k3 KL to the reference, straight from the lm_head
+(:func:`rlhf_fast.linear_ppo_loss`). No critic, no reward shaping.
+
+Training forwards pack each prompt with its K answers (``packing="shared_prefix"``,
+:func:`rlhf_fast.pipeline.rl.answer_hidden`): the prompt's tokens are computed once per group instead of K
+times, forward and backward; a group is never split across micro-batches. Every loss is normalised by
+counts over all ranks and micro-batches of the optimizer step, so the step's gradient does not depend on the
+world size or on ``grad_accum``.
+
+How our options map to TRL's GRPOTrainer: ``num_generations``, ``beta``, ``epsilon`` / ``epsilon_high``,
+``num_iterations``, ``scale_rewards`` and ``loss_type`` mean what they mean there, with one difference:
+TRL's "bnpo" normalises by the tokens of one process's batch and "dapo" by the tokens of the global batch;
+ours always takes the global count, so the two are the same loss. RLOO is ``advantage="rloo"`` (TRL's
+RLOOTrainer; verl's and OpenRLHF's ``rloo`` estimator).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import rlhf_fast
+from rlhf_fast.pipeline import common as C
+from rlhf_fast.pipeline import distributed as D
+from rlhf_fast.pipeline.config import GRPOConfig, learning_rate
+from rlhf_fast.pipeline.rl import RolloutTrainer, answer_hidden, resolve_packing, without_adapter
+from rlhf_fast.reference import ADVANTAGE_MODES
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, temperature: float) -> Tensor:
+    """(N,) fp32 log-probs of every answer token (answer by answer) under `model`."""
+    h, labels, _ = answer_hidden(model, prompts, answers, packing, pad_id, device)
+    weight, bias = C.lm_head_params(model)
+    return rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=temperature)
+
+
+def gather_rows(x: Tensor, d: D.Dist) -> Tensor:
+    """Every rank's `x` (the same shape on every rank) concatenated along dim 0, in rank order."""
+    if not d.active:
+        return x
+    parts = [torch.empty_like(x) for _ in range(d.world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class GRPOTrainer(RolloutTrainer):
+    """GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE++ on prompts, with rule rewards and/or a reward model.
+
+    ``GRPOTrainer(config, policy=..., tokenizer=..., prompts=[{"prompt"}, ...], rules=[fn, ...],
+    reward_model=..., evaluator=fn).train()``. ``policy`` defaults to ``config.model``, ``reward_model`` to
+    ``config.reward_model`` (none: the rules alone score). ``fn(prompt, response) -> float``. With
+    ``beta > 0`` the reference is a frozen copy of the starting policy, or with LoRA the policy with its
+    adapter disabled; with ``beta == 0`` no reference is held or run.
+
+    Under torchrun each rank generates for its share of the iteration's prompts; the advantages are computed
+    from every rank's scores (batch scaling sees the whole batch) and the losses are normalised by global
+    counts.
+    """
+
+    STAGE, DESC, POSTFIX = "grpo", "grpo", ("reward", "loss")
+
+    def __init__(self, config: GRPOConfig, *, policy=None, reward_model=None, tokenizer=None,
+                 prompts: list[dict] | None = None, rules: list[Callable[[str, str], float]] | None = None,
+                 evaluator: Callable | None = None, progress: bool = True):
+        cfg = self.config = config
+        d = self.dist = D.setup(cfg.distributed, cfg.device, cfg.precision)
+        self.device = d.device
+        if cfg.advantage not in ADVANTAGE_MODES:
+            raise ValueError(f"advantage: expected one of {ADVANTAGE_MODES}, got {cfg.advantage!r}")
+        if cfg.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+        if cfg.old_logprobs not in ("auto", "sampler", "recompute"):
+            raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {cfg.old_logprobs!r}")
+        if cfg.num_generations < 2:
+            raise ValueError(f"num_generations: expected >= 2 (a group of one answer has no relative advantage), "
+                             f"got {cfg.num_generations}")
+        if not cfg.beta >= 0:
+            raise ValueError(f"beta: expected >= 0, got {cfg.beta}")
+        if not cfg.epsilon > 0 or (cfg.epsilon_high is not None and not cfg.epsilon_high > 0):
+            raise ValueError(f"epsilon: expected > 0 (epsilon_high too), got {cfg.epsilon}, {cfg.epsilon_high}")
+        if cfg.num_iterations < 1:
+            raise ValueError(f"num_iterations: expected >= 1, got {cfg.num_iterations}")
+        per_step = cfg.prompts_per_step or cfg.prompts_per_iteration
+        if per_step < 0 or per_step % d.world_size or per_step > cfg.prompts_per_iteration:
+            raise ValueError(f"prompts_per_step: expected 0 or a multiple of the world size {d.world_size} up to "
+                             f"prompts_per_iteration={cfg.prompts_per_iteration}, got {cfg.prompts_per_step}")
+        self.groups_per_step = per_step // d.world_size
+        tokenizer = C.given_or_loaded(
+            tokenizer, cfg.model, "model: give GRPOConfig.model (the policy's path) or pass policy= and tokenizer=",
+            lambda: C.load_tokenizer(cfg.model, cfg.trust_remote_code))
+        policy = C.given_or_loaded(policy, cfg.model, "model: give GRPOConfig.model (the policy's path) or pass "
+                                   "policy=", lambda: C.load_causal_lm(cfg.model, cfg.trust_remote_code))
+        if reward_model is None and cfg.reward_model:
+            reward_model = C.load_scalar_model(cfg.reward_model, cfg.trust_remote_code,
+                                               pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
+        self._setup_prompts(cfg, tokenizer, prompts, rules, cfg.num_generations)
+        if reward_model is None and not self.rules:
+            raise ValueError("reward_model: give GRPOConfig.reward_model, rule_rewards (or rules=), or both: the "
+                             "answers need a score")
+        policy = policy.to(self.device)
+        self.ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 and not cfg.lora_r else None
+        self.actor = D.prepare(policy, cfg, d, "CAUSAL_LM")
+        self.actor_run = D.Engine(self.actor, d)
+        self.ref_run = None if self.ref is None else D.Engine(self.ref, d, trainable=False)
+        self.reward_model = None if reward_model is None else reward_model.to(self.device).eval().requires_grad_(False)
+        self.rm_run = None if self.reward_model is None else D.Engine(self.reward_model, d, trainable=False)
+        self.packing = resolve_packing(cfg.packing, self.actor)
+        self.optimizer = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=learning_rate(cfg, 1e-6, 2e-5),
+                                           weight_decay=0.0)
+        self.sampler_logprobs = cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto"
+                                                                  and d.precision != "bf16")
+        self.evaluator, self.progress = evaluator, progress
+        self.step_count, self.total_steps = 0, cfg.iterations
+
+    # -- rollout ---------------------------------------------------------------------------
+    def _logprobs(self, run, ro: dict, adapter_off: bool = False) -> Tensor:
+        fn = without_adapter(answer_logprobs) if adapter_off else answer_logprobs
+        return run.no_grad(fn, ro["prompts"], ro["answers"], self.packing, self.tokenizer.pad_token_id, self.device,
+                           self.config.temperature)
+
+    @torch.no_grad()
+    def scores(self, s, idx: list[int]) -> Tensor:
+        """(B,) the score of each answer: reward model (at the answer's last token) + rule_reward_coef x rules."""
+        total = torch.zeros(s.input_ids.shape[0], device=self.device)
+        if self.rm_run is not None:
+            def rm_score(model):
+                h = C.hidden_states(model, s.input_ids, s.attention_mask)
+                last = h[torch.arange(h.shape[0], device=h.device), s.last_index]
+                return C.scalar_head(model)(last).squeeze(-1).float()
+            total = total + self.rm_run.no_grad(rm_score)
+        rules = self.rule_scores(s, idx)
+        if rules is not None:
+            total = total + self.config.rule_reward_coef * rules
+        return total
+
+    @torch.no_grad()
+    def rollout(self, iteration: int) -> dict:
+        """This rank's groups: prompts, K answers each, per-token old (and reference) log-probs in answer
+        order, and the answers' advantages (from every rank's scores); statistics global."""
+        cfg, d = self.config, self.dist
+        k = cfg.num_generations
+        idx, s = self.generate(iteration, self.sampler_logprobs)
+        ro = {"prompts": [self.prompt_ids[i] for i in idx],
+              "answers": [s.responses[g * k:(g + 1) * k] for g in range(len(idx))]}
+        mask = s.response_mask
+        lengths = mask.sum(1)
+        ro["lengths"] = lengths
+        ro["offsets"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        ro["old"] = s.logprobs[mask] if self.sampler_logprobs and s.logprobs is not None else \
+            self._logprobs(self.actor_run, ro)
+        ro["ref"] = None
+        if cfg.beta > 0:
+            ro["ref"] = self._logprobs(self.ref_run, ro) if self.ref_run is not None else \
+                self._logprobs(self.actor_run, ro, adapter_off=True)
+        score = self.scores(s, idx)
+        scores = gather_rows(score.view(len(idx), k), d)                         # (all prompts, K)
+        adv = rlhf_fast.group_advantages(scores, mode=cfg.advantage, scale=cfg.scale_rewards)
+        ro["adv"] = adv.view(d.world_size, len(idx), k)[d.rank].reshape(-1)
+        stopped = torch.tensor([len(r) > 0 and r[-1] in self.encoder.stop_ids for r in s.responses],
+                               dtype=torch.float32)
+        n_tok = d.sum(lengths.sum())[0]
+        ro["stats"] = {"reward": float(scores.mean()), "reward_std": float(scores.std(1).mean()),
+                       "frac_reward_zero_std": float((scores.max(1).values == scores.min(1).values).float().mean()),
+                       "answer_len": n_tok / scores.numel(),
+                       "clipped_ratio": 1.0 - d.sum(stopped.sum())[0] / scores.numel()}
+        return ro
+
+    # -- update ----------------------------------------------------------------------------
+    def _rows(self, groups: list[int]) -> list[int]:
+        k = self.config.num_generations
+        return [g * k + j for g in groups for j in range(k)]
+
+    def _loss(self, model, ro: dict, groups: list[int], n_tok: float, n_seq: float):
+        cfg = self.config
+        rows = self._rows(groups)
+        h, labels, _ = answer_hidden(model, [ro["prompts"][g] for g in groups], [ro["answers"][g] for g in groups],
+                                     self.packing, self.tokenizer.pad_token_id, self.device)
+        off, lengths = ro["offsets"], ro["lengths"][rows]
+        tok = torch.cat([torch.arange(int(off[r]), int(off[r + 1]), device=self.device) for r in rows])
+        adv = ro["adv"][rows].repeat_interleave(lengths)
+        if cfg.loss_type == "grpo":        # each answer's token mean, averaged over the step's answers
+            w = (1.0 / (lengths.float() * n_seq)).repeat_interleave(lengths)
+        elif cfg.loss_type == "dr_grpo":   # token sum / (answers x generation budget)
+            w = torch.full_like(adv, 1.0 / (n_seq * cfg.max_new_tokens))
+        else:                              # bnpo / dapo: the step's token mean
+            w = torch.full_like(adv, 1.0 / n_tok)
+        weight, bias = C.lm_head_params(model)
+        ref = None if ro["ref"] is None else ro["ref"][tok][None]
+        return rlhf_fast.linear_ppo_loss(
+            h[None], weight, labels[None], ro["old"][tok][None], adv[None], w[None], ref_logprobs=ref,
+            kl_coef=cfg.beta, kl_estimator="k3", clip_eps=cfg.epsilon, clip_eps_high=cfg.epsilon_high,
+            num_items=1.0, temperature=cfg.temperature, bias=bias)
+
+    def update(self, ro: dict, groups: list[int]) -> dict:
+        """One optimizer step on this rank's `groups` of the rollout, in ``grad_accum`` micro-batches of whole
+        groups; the loss is normalised by the step's answers / tokens over all ranks."""
+        cfg, d = self.config, self.dist
+        rows = self._rows(groups)
+        n_tok, n_seq = d.sum(ro["lengths"][rows].sum(), len(rows))
+        micro = D.micro_splits(len(groups), cfg.grad_accum)
+        st = D.Stats()
+        self.optimizer.zero_grad(set_to_none=True)
+        for j, sl in enumerate(micro):
+            with self.actor_run.sync(j == len(micro) - 1):
+                loss, pst = self.actor_run(self._loss, ro, groups[sl], max(1.0, n_tok), max(1.0, n_seq))
+                self.actor_run.backward(loss)
+            n_here = float(ro["lengths"][self._rows(groups[sl])].sum())
+            st.total("loss", loss.detach())
+            for key in ("clip_frac", "approx_kl", "ratio_mean", "kl", "entropy"):
+                st.add(key, pst[key], n_here)
+        gnorm = C.clip_grad(self.actor_run.trainable_parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        out = st.reduce(d)
+        out["grad_norm"] = gnorm
+        return out
+
+    def batch_at(self, step: int) -> int:
+        return step
+
+    def step(self, iteration: int | None = None) -> dict:
+        """One iteration: rollout, then num_iterations passes over its groups, prompts_per_step at a time."""
+        cfg = self.config
+        it = self.step_count if iteration is None else iteration
+        t0 = time.time()
+        ro = self.rollout(it)
+        t_roll = time.time() - t0
+        n_groups = len(ro["prompts"])
+        agg: dict[str, float] = {}
+        n = 0
+        for mu in range(cfg.num_iterations):
+            g = torch.Generator().manual_seed(C.step_seed(cfg.seed, 4, it, mu))
+            order = torch.randperm(n_groups, generator=g).tolist()
+            for start in range(0, n_groups, self.groups_per_step):
+                for key, v in self.update(ro, order[start: start + self.groups_per_step]).items():
+                    agg[key] = agg.get(key, 0.0) + v
+                n += 1
+        stats = {key: v / max(1, n) for key, v in agg.items()}
+        stats.update(ro["stats"])
+        stats["rollout_s"], stats["step_s"] = t_roll, time.time() - t0
+        self.step_count = it + 1
+        return stats
+
+    # -- checkpoints and export -------------------------------------------------------------
+    def _ckpt(self):
+        return {"actor": self.actor}, {"actor": self.optimizer}, {}
+
+    def result_fields(self) -> dict:
+        return {"iterations": self.step_count, "packing": self.packing}
+
+    def save(self, path) -> None:
+        """The policy's Hugging Face export (rank 0 writes; LoRA merged; a collective under FSDP)."""
+        D.export_model(self.actor, self.tokenizer, path, self.dist, {"stage": "grpo", "config": vars(self.config)})

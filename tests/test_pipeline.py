@@ -306,6 +306,29 @@ def test_pipeline_smoke(tmp_path):
     assert len((tmp_path / "rm" / "comparisons.jsonl").read_text().splitlines()) == 24
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
+def test_pipeline_other_algorithms(tmp_path, algorithm):
+    """--algorithm grpo: SFT then GRPO on the gold rubric, no reward model; dpo: SFT then DPO on the labeler's
+    comparisons. The summary has the same gold-score / KL / ptx fields, no reward-model accuracy."""
+    from rlhf_fast.pipeline import run_pipeline
+
+    cfg = smoke_config(tmp_path)
+    cfg.algorithm = algorithm
+    cfg.grpo.iterations, cfg.grpo.prompts_per_iteration, cfg.grpo.num_generations = 2, 4, 2
+    cfg.grpo.eval_every, cfg.grpo.max_new_tokens = 1, 12
+    cfg.dpo.batch_size = 8
+    summary = run_pipeline(cfg, progress=False)
+    assert summary["algorithm"] == algorithm and summary["rm_accuracy"] is None
+    for k in ("gold_score_sft", "gold_score_ppo", "kl_per_token", "ptx_loss_ppo", "time_ppo_s"):
+        assert math.isfinite(summary[k]), k
+    assert "rm_accuracy_vs_labeler>=0.70" not in summary["targets"]
+    assert (tmp_path / algorithm / "model" / "model.safetensors").exists() and not (tmp_path / "ppo").exists()
+    assert (tmp_path / "rm" / "model").exists() is False
+    rows = [json.loads(x) for x in (tmp_path / algorithm / "metrics.jsonl").read_text().splitlines()]
+    assert rows and ("gold_score" in rows[0]) == (algorithm == "grpo")
+    assert "## Sample generations" in (tmp_path / "report.md").read_text()
+
+
 def test_reward_model_head_init_depends_on_the_seed_only(tok, tmp_path):
     """The scalar head a causal LM checkpoint lacks is drawn from `seed`, not from the global RNG state (which
     differs between a fresh and a resumed run, or between the ranks of a torchrun)."""

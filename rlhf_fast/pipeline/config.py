@@ -311,6 +311,10 @@ class DPOConfig(StageConfig):
     eval_fraction: float = _f(0.05, "fraction of the pairs held out for the eval loss and reward accuracy")
 
 
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
+ALGORITHM_NAMES = {"ppo": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
+
+
 @dataclass
 class PipelineConfig:
     """SFT -> reward model -> PPO-ptx, end to end (default: SmolLM2-135M-Instruct on the constraints task)."""
@@ -325,11 +329,17 @@ class PipelineConfig:
     plots: bool = _f(True, "write PNG plots (needs matplotlib)")
     distributed: str = _f("none", "'none', 'ddp' or 'fsdp' for every stage (see the stages' help)")
     precision: str = _f("auto", "'auto', 'fp32' or 'bf16' for every stage")
+    algorithm: str = _f("ppo", "the alignment stage after SFT: 'ppo' (reward model, then PPO-ptx), 'grpo' or 'rloo' "
+                               "(the task's gold rubric as a verifiable reward; no reward model) or 'dpo' (the "
+                               "labeler's comparisons as preference pairs; no reward model)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "default task"})
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(**DEMO["sft"]), metadata={"help": "SFT stage"})
     rm: RMConfig = field(default_factory=lambda: RMConfig(**DEMO["rm"]), metadata={"help": "reward-model stage"})
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(**DEMO["ppo"]), metadata={"help": "PPO-ptx stage"})
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(**DEMO["grpo"]),
+                             metadata={"help": "GRPO / RLOO stage (algorithm grpo, rloo)"})
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(**DEMO["dpo"]), metadata={"help": "DPO stage"})
 
 
 # The embedded run's sizes (``rlhf-fast pipeline`` / ``make demo``): SmolLM2-135M-Instruct on the constraints
@@ -344,6 +354,12 @@ DEMO: dict[str, dict] = {
     "ppo": {"lora_r": 16, "lora_layers": 10, "iterations": 7, "prompts_per_iteration": 8, "samples_per_prompt": 4,
             "max_new_tokens": 32, "ppo_epochs": 1, "minibatch_size": 16, "lr": 3e-4, "critic_lr": 3e-4,
             "ptx_batch_size": 4, "max_prompt_len": 256, "eval_every": 0},
+    # sampling as PPO's (the held-out evaluation samples at the PPO stage's temperature and length)
+    "grpo": {"lora_r": 16, "lora_layers": 10, "iterations": 10, "prompts_per_iteration": 8, "num_generations": 4,
+             "max_new_tokens": 32, "temperature": 0.7, "beta": 0.04, "lr": 3e-4, "max_prompt_len": 256,
+             "eval_every": 0},
+    "dpo": {"lora_r": 16, "lora_layers": 10, "epochs": 1, "batch_size": 8, "lr": 5e-4, "max_prompt_len": 256,
+            "max_response_len": 40, "eval_fraction": 0.0, "log_every": 1},
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -360,14 +376,19 @@ _TINY_PPO = {"lora_r": 0, "iterations": 60, "prompts_per_iteration": 32, "sample
              "minibatch_size": 64, "ptx_batch_size": 16, "eval_every": 10, "max_new_tokens": 14,
              "temperature": 1.0, "lr": 5e-4, "critic_lr": 1e-3, "kl_target": 0.15, "kl_horizon": 2000,
              "max_prompt_len": 32}
+_TINY_GRPO = {"lora_r": 0, "iterations": 30, "prompts_per_iteration": 16, "num_generations": 4,
+              "max_new_tokens": 14, "temperature": 1.0, "lr": 5e-4, "beta": 0.04, "max_prompt_len": 32,
+              "eval_every": 10}
+_TINY_DPO = {"lora_r": 0, "epochs": 2, "batch_size": 16, "lr": 1e-3, "max_prompt_len": 32, "max_response_len": 16,
+             "eval_fraction": 0.0, "log_every": 10}
 PRESETS: dict[str, dict] = {
     "tiny": {
         "pipeline": {"model": {"model": "tiny"},
                      "task": {"name": "topics", "num_sft": 6000, "num_rm_prompts": 700, "num_ppo_prompts": 2000,
                               "num_ptx": 2000, "num_eval_prompts": 128, "eval_samples": 4},
                      "sft": {k: v for k, v in _TINY_SFT.items() if k != "model"},
-                     "rm": _TINY_RM, "ppo": _TINY_PPO},
-        "sft": _TINY_SFT, "rm": _TINY_RM, "ppo": _TINY_PPO,
+                     "rm": _TINY_RM, "ppo": _TINY_PPO, "grpo": _TINY_GRPO, "dpo": _TINY_DPO},
+        "sft": _TINY_SFT, "rm": _TINY_RM, "ppo": _TINY_PPO, "grpo": _TINY_GRPO, "dpo": _TINY_DPO,
     },
 }
 _SECTION = {}  # config class -> its section of a preset (filled below the class definitions)

@@ -1,4 +1,6 @@
-"""SFT -> reward model -> PPO-ptx end to end on an embedded task, evaluated on held-out prompts.
+"""SFT -> reward model -> PPO-ptx end to end on an embedded task, evaluated on held-out prompts; or SFT
+followed by another alignment stage (``algorithm``): GRPO or RLOO with the task's gold rubric as a verifiable
+reward (no reward model), or DPO on the labeler's comparisons (no reward model).
 
 Two embedded tasks (``task.name``):
 
@@ -29,10 +31,12 @@ import torch
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.chat import Encoder
-from rlhf_fast.pipeline.config import PipelineConfig, save_yaml
+from rlhf_fast.pipeline.config import ALGORITHM_NAMES, ALGORITHMS, PipelineConfig, save_yaml
 from rlhf_fast.pipeline.constraints import ConstraintTask
 from rlhf_fast.pipeline.data import read_jsonl, write_jsonl
+from rlhf_fast.pipeline.dpo import DPOTrainer
 from rlhf_fast.pipeline.evaluate import gold_eval, labeler_agreement, policy_samples, rm_gold_accuracy
+from rlhf_fast.pipeline.grpo import GRPOTrainer
 from rlhf_fast.pipeline.ppo import PPOTrainer
 from rlhf_fast.pipeline.reward import RewardTrainer
 from rlhf_fast.pipeline.sft import SFTTrainer, eval_nll
@@ -153,6 +157,8 @@ def _base_model(cfg: PipelineConfig, progress: bool):
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     """Run the three stages; returns the summary (also written to ``output_dir/summary.json``)."""
     t_start, cpu_start = time.time(), time.process_time()
+    if cfg.algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {cfg.algorithm!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = D.setup(cfg.distributed, cfg.device, cfg.precision)
@@ -240,43 +246,48 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     times["sft_s"] = time.time() - t0
     peak_rss["sft"] = _peak_rss_gb()
 
-    # -- reward model ----------------------------------------------------------------------
-    t0 = time.time()
-    rm_dir = out / "rm"
-    rm_dir.mkdir(parents=True, exist_ok=True)
-    comp_path = rm_dir / "comparisons.jsonl"
-    if cfg.resume and comp_path.exists():
-        comparisons = read_jsonl(comp_path, {"prompt": str, "responses": list, "ranking": list})
-    else:
-        comparisons = label_comparisons(sft_model, tokenizer, encoder, task, data["rm_prompts"], k_min=cfg.rm.k_min,
-                                        k_max=cfg.rm.k_max, max_new_tokens=gen_len,
-                                        temperature=cfg.rm.sample_temperature, seed=cfg.seed, device=device,
-                                        progress=progress)
-        if d.is_main:
-            write_jsonl(comp_path, comparisons)
-    agreement = labeler_agreement(task, comparisons)
-    if cfg.resume and _stage_done(rm_dir):
-        rm_model = load_rm(rm_dir / "model", device)
-        rm_result = json.loads((rm_dir / "result.json").read_text())
-    else:
-        rm_trainer = RewardTrainer(stage_cfg(cfg.rm, "rm"), model=load_rm(sft_dir / "model"), tokenizer=tokenizer,
-                                   train_data=comparisons, progress=progress)
-        rm_result = rm_trainer.train()
-        write(rm_dir / "result.json", json.dumps(rm_result))
-        rm_model = plain(rm_trainer.model, rm_dir / "model", load_rm, cfg.rm)
-    # on the SFT policy's held-out answers that its gold score was measured on (sampled once, used twice)
-    rm_eval = rm_gold_accuracy(rm_model, tokenizer, encoder, task, data["eval_prompts"], sft_eval["answer_ids"],
-                               k=ev.eval_samples, seed=cfg.seed + 11, device=device,
-                               packing=rm_result.get("packing", "padded"))
-    times["rm_s"] = time.time() - t0
-    peak_rss["rm"] = _peak_rss_gb()
-    # PPO holds actor and critic; the reward model and the SFT model are reloaded when needed (peak memory)
+    # -- reward model (PPO), the labeler's comparisons (PPO, DPO) ---------------------------
+    comparisons, agreement, rm_eval, rm_result = None, None, {}, {}
+    if cfg.algorithm in ("ppo", "dpo"):
+        t0 = time.time()
+        rm_dir = out / "rm"
+        rm_dir.mkdir(parents=True, exist_ok=True)
+        comp_path = rm_dir / "comparisons.jsonl"
+        if cfg.resume and comp_path.exists():
+            comparisons = read_jsonl(comp_path, {"prompt": str, "responses": list, "ranking": list})
+        else:
+            comparisons = label_comparisons(sft_model, tokenizer, encoder, task, data["rm_prompts"],
+                                            k_min=cfg.rm.k_min, k_max=cfg.rm.k_max, max_new_tokens=gen_len,
+                                            temperature=cfg.rm.sample_temperature, seed=cfg.seed, device=device,
+                                            progress=progress)
+            if d.is_main:
+                write_jsonl(comp_path, comparisons)
+        agreement = labeler_agreement(task, comparisons)
+        if cfg.algorithm == "dpo":
+            pass  # DPO learns from the comparisons themselves: no reward model
+        elif cfg.resume and _stage_done(rm_dir):
+            rm_model = load_rm(rm_dir / "model", device)
+            rm_result = json.loads((rm_dir / "result.json").read_text())
+        else:
+            rm_trainer = RewardTrainer(stage_cfg(cfg.rm, "rm"), model=load_rm(sft_dir / "model"),
+                                       tokenizer=tokenizer, train_data=comparisons, progress=progress)
+            rm_result = rm_trainer.train()
+            write(rm_dir / "result.json", json.dumps(rm_result))
+            rm_model = plain(rm_trainer.model, rm_dir / "model", load_rm, cfg.rm)
+        # on the SFT policy's held-out answers that its gold score was measured on (sampled once, used twice)
+        if cfg.algorithm == "ppo":
+            rm_eval = rm_gold_accuracy(rm_model, tokenizer, encoder, task, data["eval_prompts"],
+                                       sft_eval["answer_ids"], k=ev.eval_samples, seed=cfg.seed + 11, device=device,
+                                       packing=rm_result.get("packing", "padded"))
+        times["rm_s"] = time.time() - t0
+        peak_rss["rm"] = _peak_rss_gb()
+    # the aligned policy's stage holds its own models; the SFT model is reloaded when needed (peak memory)
     rm_model = rm_trainer = sft_model = None
     gc.collect()
 
-    # -- PPO-ptx ---------------------------------------------------------------------------
+    # -- PPO-ptx, GRPO / RLOO or DPO --------------------------------------------------------
     t0 = time.time()
-    ppo_dir = out / "ppo"
+    ppo_dir = out / ("ppo" if cfg.algorithm == "ppo" else "grpo" if cfg.algorithm in ("grpo", "rloo") else "dpo")
     curve_prompts = data["eval_prompts"][: max(1, len(data["eval_prompts"]) // 4)]
 
     def evaluator(policy):
@@ -288,19 +299,34 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         policy = load_lm(ppo_dir / "model", device)
         ppo_result = json.loads((ppo_dir / "result.json").read_text())
     else:
-        ppo = PPOTrainer(stage_cfg(cfg.ppo, "ppo"), policy=load_lm(sft_dir / "model"),
-                         reward_model=load_rm(rm_dir / "model"), tokenizer=tokenizer, prompts=data["ppo_prompts"],
-                         ptx_data=data["ptx"], evaluator=evaluator, progress=progress)
+        if cfg.algorithm == "ppo":
+            ppo = PPOTrainer(stage_cfg(cfg.ppo, "ppo"), policy=load_lm(sft_dir / "model"),
+                             reward_model=load_rm(rm_dir / "model"), tokenizer=tokenizer,
+                             prompts=data["ppo_prompts"], ptx_data=data["ptx"], evaluator=evaluator,
+                             progress=progress)
+            stage, trained = cfg.ppo, "actor"
+        elif cfg.algorithm in ("grpo", "rloo"):
+            gcfg = stage_cfg(cfg.grpo, "grpo")
+            if cfg.algorithm == "rloo":
+                gcfg = dataclasses.replace(gcfg, advantage="rloo")
+            ppo = GRPOTrainer(gcfg, policy=load_lm(sft_dir / "model"), tokenizer=tokenizer,
+                              prompts=data["ppo_prompts"], rules=[task.gold_score], evaluator=evaluator,
+                              progress=progress)
+            stage, trained = cfg.grpo, "actor"
+        else:
+            ppo = DPOTrainer(stage_cfg(cfg.dpo, "dpo"), model=load_lm(sft_dir / "model"), tokenizer=tokenizer,
+                             train_data=comparisons, progress=progress)
+            stage, trained = cfg.dpo, "model"
         ppo_result = ppo.train()
         write(ppo_dir / "result.json", json.dumps(ppo_result))
-        policy = plain(ppo.actor, ppo_dir / "model", load_lm, cfg.ppo)
+        policy = plain(getattr(ppo, trained), ppo_dir / "model", load_lm, stage)
     policy.eval()
     ppo = None
     gc.collect()
     sft_model = load_lm(sft_dir / "model", device).eval()  # the reference of the KL
     ppo_eval = gold_eval(policy, tokenizer, encoder, task, data["eval_prompts"], num_samples=ev.eval_samples,
                          max_new_tokens=gen_len, temperature=temp, seed=cfg.seed + 7, device=device, ref=sft_model,
-                         progress=progress, desc="eval ppo")
+                         progress=progress, desc=f"eval {cfg.algorithm}")
     ptx_loss_ppo = eval_nll(policy, encoder, data["ptx_eval"], device)
     times["ppo_s"] = time.time() - t0
     peak_rss["ppo"] = _peak_rss_gb()
@@ -313,8 +339,9 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     gap_closed = (g_ppo - g_sft) / (gold_max - g_sft) if gold_max > g_sft else 0.0
     summary = {
         "model": cfg.model.model, "model_parameters": n_params, "task": cfg.task.name,
-        "rm_accuracy": rm_eval["rm_accuracy"], "rm_accuracy_vs_labeler": rm_eval["rm_accuracy_vs_labeler"],
-        "rm_eval_pairs": rm_eval["rm_eval_pairs"], "rm_eval_accuracy_vs_labels": rm_result.get("eval_accuracy"),
+        "algorithm": cfg.algorithm,
+        "rm_accuracy": rm_eval.get("rm_accuracy"), "rm_accuracy_vs_labeler": rm_eval.get("rm_accuracy_vs_labeler"),
+        "rm_eval_pairs": rm_eval.get("rm_eval_pairs"), "rm_eval_accuracy_vs_labels": rm_result.get("eval_accuracy"),
         "labeler_agreement": agreement, "rm_packing": rm_result.get("packing"),
         "gold_score_sft": g_sft, "gold_score_ppo": g_ppo, "gold_score_sft_se": se_sft, "gold_score_ppo_se": se_ppo,
         "gold_gain": g_ppo - g_sft, "gold_gain_se": math.sqrt(se_sft ** 2 + se_ppo ** 2),
@@ -323,7 +350,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
         "ptx_loss_sft": ptx_loss_sft, "ptx_loss_ppo": ptx_loss_ppo, "sft_eval_loss": sft_result.get("eval_loss"),
         "answer_words_sft": sft_eval["answer_words"], "answer_words_ppo": ppo_eval["answer_words"],
         "final_beta": ppo_result.get("beta"), "time_load_s": times["load_s"],
-        "time_sft_s": times["sft_s"], "time_rm_s": times["rm_s"], "time_ppo_s": times["ppo_s"],
+        "time_sft_s": times["sft_s"], "time_rm_s": times.get("rm_s", 0.0), "time_ppo_s": times["ppo_s"],
         "time_total_s": time.time() - t_start, "cpu_time_s": time.process_time() - cpu_start,
         "peak_rss_gb": _peak_rss_gb(), "peak_rss_gb_by_stage": peak_rss,
     }
@@ -357,31 +384,35 @@ def _se(values: list[float]) -> float:
 
 
 def targets(s: dict) -> dict[str, bool]:
-    """The run's checks: PPO-ptx beats SFT on the held-out gold score by 0.10 and by 3 standard errors (of the
-    difference of the two means), the reward model agrees with the noisy labeler on >= 70% of held-out pairs,
-    the KL to SFT stays within its bound and the ptx loss within 10% of SFT's."""
-    return {
-        "gold_gain>=0.10": s["gold_gain"] >= 0.10,
-        "gold_gain>=3se": s["gold_gain"] >= 3 * s["gold_gain_se"],
-        "rm_accuracy_vs_labeler>=0.70": s["rm_accuracy_vs_labeler"] >= 0.70,
-        "kl_per_token<=kl_bound": s["kl_per_token"] <= s["kl_bound"],
-        "ptx_loss_ppo<=1.1*ptx_loss_sft": s["ptx_loss_ppo"] <= 1.1 * s["ptx_loss_sft"],
-    }
+    """The run's checks: the aligned policy (PPO-ptx, or the `algorithm` of the run) beats SFT on the held-out
+    gold score by 0.10 and by 3 standard errors (of the difference of the two means), the reward model (PPO
+    runs) agrees with the noisy labeler on >= 70% of held-out pairs, the KL to SFT stays within its bound and
+    the ptx loss within 10% of SFT's."""
+    out = {"gold_gain>=0.10": s["gold_gain"] >= 0.10, "gold_gain>=3se": s["gold_gain"] >= 3 * s["gold_gain_se"]}
+    if s.get("rm_accuracy_vs_labeler") is not None:
+        out["rm_accuracy_vs_labeler>=0.70"] = s["rm_accuracy_vs_labeler"] >= 0.70
+    out["kl_per_token<=kl_bound"] = s["kl_per_token"] <= s["kl_bound"]
+    out["ptx_loss_ppo<=1.1*ptx_loss_sft"] = s["ptx_loss_ppo"] <= 1.1 * s["ptx_loss_sft"]
+    return out
 
 
 def format_summary(s: dict) -> str:
+    name = ALGORITHM_NAMES[s.get("algorithm", "ppo")]
+    rm = (f"reward model   pairwise accuracy vs the labeler {s['rm_accuracy_vs_labeler']:.3f}, vs gold "
+          f"{s['rm_accuracy']:.3f} ({s['rm_eval_pairs']} held-out pairs; labeler agreement with gold "
+          f"{s['labeler_agreement']:.3f}; packing {s['rm_packing']})" if s.get("rm_accuracy") is not None else
+          f"reward model   none ({name}: " + ("the labeler's comparisons as preference pairs)" if s.get("algorithm")
+                                              == "dpo" else "the gold rubric as a verifiable reward)"))
     lines = [
         f"model          {s['model']} ({s['model_parameters'] / 1e6:.1f}M parameters), task {s['task']}",
-        f"reward model   pairwise accuracy vs the labeler {s['rm_accuracy_vs_labeler']:.3f}, vs gold "
-        f"{s['rm_accuracy']:.3f} ({s['rm_eval_pairs']} held-out pairs; labeler agreement with gold "
-        f"{s['labeler_agreement']:.3f}; packing {s['rm_packing']})",
-        f"gold score     SFT {s['gold_score_sft']:.3f} ± {s['gold_score_sft_se']:.3f} -> PPO-ptx "
+        rm,
+        f"gold score     SFT {s['gold_score_sft']:.3f} ± {s['gold_score_sft_se']:.3f} -> {name} "
         f"{s['gold_score_ppo']:.3f} ± {s['gold_score_ppo_se']:.3f} (gain {s['gold_gain']:+.3f} ± "
         f"{s['gold_gain_se']:.3f}; max {s['gold_score_max']:.3f})",
         f"KL to SFT      {s['kl_per_token']:.4f} nats/token (bound {s['kl_bound']})",
-        f"ptx loss       SFT {s['ptx_loss_sft']:.4f} -> PPO-ptx {s['ptx_loss_ppo']:.4f}",
+        f"ptx loss       SFT {s['ptx_loss_sft']:.4f} -> {name} {s['ptx_loss_ppo']:.4f}",
         f"wall time      load {s['time_load_s']:.0f}s, SFT {s['time_sft_s']:.0f}s, RM {s['time_rm_s']:.0f}s, "
-        f"PPO {s['time_ppo_s']:.0f}s, total {s['time_total_s']:.0f}s (process CPU time {s['cpu_time_s']:.0f}s); "
+        f"{name} {s['time_ppo_s']:.0f}s, total {s['time_total_s']:.0f}s (process CPU time {s['cpu_time_s']:.0f}s); "
         f"peak memory {s['peak_rss_gb']:.2f} GiB",
         "targets        " + ", ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in s["targets"].items()),
     ]

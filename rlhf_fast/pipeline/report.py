@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_fast.pipeline.common import read_metrics
+from rlhf_fast.pipeline.config import ALGORITHM_NAMES
 
 PLOTS = {
     "sft": [("loss", "SFT loss (NLL per response token)")],
     "rm": [("loss", "ranking loss"), ("accuracy", "train pairwise accuracy")],
+    "grpo": [("reward", "mean reward (gold rubric)"), ("kl", "KL to SFT per token"), ("loss", "policy loss"),
+             ("gold_score", "gold score (held-out)")],
+    "dpo": [("loss", "DPO loss"), ("reward_accuracy", "reward accuracy"), ("reward_margin", "reward margin")],
     "ppo": [("score", "RM score"), ("kl_per_token", "KL to SFT per token"), ("loss", "actor loss"),
             ("value_loss", "value loss"), ("ptx_loss", "ptx loss"), ("gold_score", "gold score (held-out)")],
 }
@@ -63,9 +67,10 @@ def write_report(out, summary: dict, samples: dict, cfg, plots: bool = True) -> 
               ""]
     if plot_files or plot_note:
         lines += ["## Curves", ""] + [f"![{p}]({p})" for p in plot_files] + ([plot_note] if plot_note else []) + [""]
+    name = ALGORITHM_NAMES[summary.get("algorithm", "ppo")]
     lines += ["## Sample generations (held-out prompts)", "",
-              "The same held-out prompts, answered by the SFT model and by the PPO-ptx policy (the first sample of "
-              "each), with their gold scores.", "", "| prompt | SFT answer | gold | PPO-ptx answer | gold |",
+              f"The same held-out prompts, answered by the SFT model and by the {name} policy (the first sample of "
+              f"each), with their gold scores.", "", f"| prompt | SFT answer | gold | {name} answer | gold |",
               "|---|---|---|---|---|"]
     firsts = {stage: {} for stage in ("sft", "ppo")}
     for stage in firsts:

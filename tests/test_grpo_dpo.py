@@ -195,3 +195,48 @@ def test_cli_grpo_and_dpo(tok, tmp_path, capsys):
     rc = main(["grpo", "--model", base, "--prompts", str(data), "--device", "cpu", "--quiet",
                "--output_dir", str(tmp_path / "x")])
     assert rc == 2 and "reward_model" in capsys.readouterr().err
+
+
+def test_ppo_packed_actor_and_critic_losses_equal_padded(tok, tmp_path):
+    """PPO with samples_per_prompt > 1: the actor's linear_ppo_loss (with ptx) and the critic's value_loss on
+    whole groups packed equal the padded rows' (loss and every gradient)."""
+    from rlhf_fast.pipeline.config import PPOConfig
+    from rlhf_fast.pipeline.ppo import PPOTrainer
+
+    base = saved_chat_model(tok, tmp_path / "base")
+    rm = C.load_scalar_model(base, pad_token_id=tok.pad_token_id)
+    ptx = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows(4)]
+    tr = PPOTrainer(PPOConfig(policy=base, output_dir=str(tmp_path / "ppo"), device="cpu", prompts_per_iteration=2,
+                              samples_per_prompt=3, max_new_tokens=6, minibatch_size=6, ptx_batch_size=2),
+                    policy=C.load_causal_lm(base), reward_model=rm, tokenizer=tok, prompts=prompts(), ptx_data=ptx,
+                    progress=False)
+    assert tr.packing == "shared_prefix"
+    ro = tr.rollout(0)
+    with torch.no_grad():
+        for m in (tr.actor, tr.critic):
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    rows_ = torch.arange(6)
+    n_tok = int(ro["samples"].response_mask.sum())
+    ptx_batch = tr.ptx_batch(0, 0, 0)
+    out = {}
+    for packing in ("shared_prefix", "padded"):
+        tr.packing = packing
+        tr.actor.zero_grad(set_to_none=True)
+        tr.critic.zero_grad(set_to_none=True)
+        loss, st = tr.actor_run(tr._actor_loss, ro, rows_, ptx_batch, n_tok, 0.5)
+        vloss, _ = tr.critic_run(tr._critic_loss, ro, rows_, n_tok)
+        (loss + vloss).backward()
+        out[packing] = (loss.detach(), vloss.detach(), st, grads(tr.actor), grads(tr.critic))
+    a, b = out["shared_prefix"], out["padded"]
+    assert_close(a[0], b[0], "actor loss", atol=1e-5, rtol=1e-4)
+    assert_close(a[1], b[1], "value loss", atol=1e-5, rtol=1e-4)
+    for key in ("clip_frac", "ratio_mean", "ptx_loss"):
+        assert_close(a[2][key], b[2][key], key, atol=1e-5, rtol=1e-4)
+    for ga, gb in ((a[3], b[3]), (a[4], b[4])):
+        assert ga.keys() == gb.keys() and ga
+        for n in ga:
+            assert_close(ga[n], gb[n], f"grad {n}", atol=1e-5, rtol=1e-3)
+    tr.packing = "shared_prefix"
+    st = tr.step()  # a whole packed iteration: minibatches of whole groups
+    assert st["actor_grad_norm"] > 0 and st["critic_grad_norm"] > 0

@@ -227,6 +227,9 @@ class PPOConfig(StageConfig):
     rule_rewards: list = _f([], "rule rewards 'module:function' (fn(prompt, response) -> float), added to the RM score")
     rule_reward_coef: float = _f(1.0, "weight of the summed rule rewards")
     whiten_advantages: bool = _f(True, "normalise advantages over the batch")
+    packing: str = _f("shared_prefix", "actor and critic updates: 'shared_prefix' (each prompt packed with its "
+                                       "samples_per_prompt answers and computed once; minibatches of whole "
+                                       "groups) or 'padded' (one row per answer)")
     max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
     log_every: int = _f(1, "log metrics every this many iterations")
     eval_every: int = _f(10, "score held-out prompts with the gold preference every this many iterations "

@@ -12,6 +12,10 @@ score added on the last token (beta fixed or adapted towards ``kl_target``); adv
   critic  :func:`rlhf_fast.value_loss` — clipped value loss; the critic is the reward model's network
           with its scalar head read at every position
 
+With ``packing="shared_prefix"`` (the default) both updates run each prompt packed with its
+``samples_per_prompt`` answers (:func:`rlhf_fast.pipeline.rl.answer_hidden`: the prompt computed once per group),
+minibatches and micro-batches holding whole groups; ``"padded"`` runs one left-padded row per answer.
+
 Actor, critic, frozen reference and reward model are separate modules on one explicit device (with LoRA,
 the reference and the reward model are the actor and the critic with their adapters disabled). Under
 torchrun each rank generates for its share of the prompts; losses take ``num_items`` = the minibatch's
@@ -35,7 +39,7 @@ from rlhf_fast.pipeline.chat import Encoder
 from rlhf_fast.pipeline.config import PPOConfig, learning_rate
 from rlhf_fast.pipeline.data import IGNORE, load_ptx
 from rlhf_fast.pipeline.generation import Samples
-from rlhf_fast.pipeline.rl import RolloutTrainer, load_rule, without_adapter
+from rlhf_fast.pipeline.rl import RolloutTrainer, answer_hidden, load_rule, resolve_packing, without_adapter
 from rlhf_fast.pipeline.sft import encode_lm
 
 __all__ = ["AdaptiveKL", "PPOTrainer", "load_rule", "values_of"]
@@ -124,6 +128,8 @@ class PPOTrainer(RolloutTrainer):
         self.rm_run = None if self.reward_model is None else D.Engine(self.reward_model, d, trainable=False)
         self.rm_head = None if self.reward_model is None else C.scalar_head(self.reward_model)
         self.critic_head = C.scalar_head(self.critic)
+        packing = resolve_packing(cfg.packing, self.actor)
+        self.packing = resolve_packing(packing, self.critic) if packing == "shared_prefix" else packing
         if ptx_data is None and cfg.ptx_data:
             ptx_data = load_ptx(cfg.ptx_data)
         self.ptx_data = ptx_data or []
@@ -196,8 +202,12 @@ class PPOTrainer(RolloutTrainer):
         n_rows, n_tok, s_rm, s_score, s_norm, s_kl, s_value = d.sum(
             rows.numel(), mask.sum(), rm_score.sum(), score.sum(), norm_score.sum(), kl.sum(),
             (values * mask).sum())
+        lengths = mask.sum(1)
+        flat = {"old": old_lp[mask], "ref": ref_lp[mask], "adv": adv[mask], "values": values[mask],
+                "ret": ret[mask], "offsets": torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
+                "prompts": [self.prompt_ids[i] for i in idx]}  # per answer token, answer by answer
         return {"samples": s, "old_lp": old_lp, "ref_lp": ref_lp, "values": values, "rewards": rewards,
-                "adv": adv, "ret": ret, "rows": int(n_rows),
+                "adv": adv, "ret": ret, "rows": int(n_rows), "flat": flat,
                 "stats": {"score": s_rm / n_rows, "reward": s_score / n_rows, "norm_score": s_norm / n_rows,
                           "kl_per_token": s_kl / max(1.0, n_tok), "kl_per_answer": s_kl / n_rows,
                           "beta": self.kl_ctl.beta, "answer_len": n_tok / n_rows,
@@ -212,26 +222,53 @@ class PPOTrainer(RolloutTrainer):
         idx = torch.randint(len(self.ptx_data), (self.config.ptx_batch_size,), generator=g).tolist()
         return encode_lm(self.ptx_encoder, [self.ptx_data[i] for i in D.shard(idx, self.dist)]).to(self.device)
 
+    def _packed(self, model, ro: dict, rows: Tensor):
+        """(hidden (1, N, H), labels (1, N), token index (N,)) of whole groups `rows` (consecutive rows of
+        each group), each prompt packed with its answers: computed once for its samples_per_prompt answers."""
+        k = self.config.samples_per_prompt
+        s: Samples = ro["samples"]
+        groups = (rows.view(-1, k)[:, 0] // k).tolist()
+        h, labels, _ = answer_hidden(model, [ro["flat"]["prompts"][g] for g in groups],
+                                     [s.responses[g * k:(g + 1) * k] for g in groups], "shared_prefix",
+                                     self.tokenizer.pad_token_id, self.device)
+        off = ro["flat"]["offsets"]
+        tok = torch.cat([torch.arange(int(off[r]), int(off[r + 1]), device=self.device) for r in rows.tolist()])
+        return h[None], labels[None], tok
+
     def _actor_loss(self, model, ro: dict, rows: Tensor, ptx, num_items: int, ptx_coef: float):
         cfg = self.config
         s: Samples = ro["samples"]
-        ids, attn = s.input_ids[rows], s.attention_mask[rows]
-        mask, labels = s.response_mask[rows], s.labels[rows]
         weight, bias = C.lm_head_params(model)
-        hidden = C.hidden_states(model, ids, attn)[:, :-1]
+        if self.packing == "shared_prefix":
+            hidden, labels, tok = self._packed(model, ro, rows)
+            f = ro["flat"]
+            old, adv, ref = f["old"][tok][None], f["adv"][tok][None], f["ref"][tok][None]
+            mask = torch.ones_like(old, dtype=torch.bool)
+        else:
+            ids, attn = s.input_ids[rows], s.attention_mask[rows]
+            mask, labels = s.response_mask[rows], s.labels[rows]
+            old, adv, ref = ro["old_lp"][rows], ro["adv"][rows], ro["ref_lp"][rows]
+            hidden = C.hidden_states(model, ids, attn)[:, :-1]
         ptx_hidden = ptx_labels = None
         if ptx is not None:
             ptx_hidden = C.hidden_states(model, ptx.input_ids, ptx.attention_mask)[:, :-1]
             ptx_labels = ptx.labels
         return rlhf_fast.linear_ppo_loss(
-            hidden, weight, labels.clamp_min(0), ro["old_lp"][rows], ro["adv"][rows], mask,
-            ref_logprobs=ro["ref_lp"][rows], kl_coef=0.0, entropy_coef=cfg.entropy_coef, clip_eps=cfg.clip_eps,
+            hidden, weight, labels.clamp_min(0), old, adv, mask, ref_logprobs=ref, kl_coef=0.0,
+            entropy_coef=cfg.entropy_coef, clip_eps=cfg.clip_eps,
             num_items=num_items, ptx_hidden=ptx_hidden, ptx_labels=ptx_labels,
             ptx_coef=ptx_coef if ptx is not None else 0.0, temperature=cfg.temperature, ignore_index=IGNORE,
             bias=bias)
 
     def _critic_loss(self, model, ro: dict, rows: Tensor, num_items: int):
         s: Samples = ro["samples"]
+        if self.packing == "shared_prefix":
+            hidden, _, tok = self._packed(model, ro, rows)
+            f = ro["flat"]
+            values = C.scalar_head(model)(hidden).squeeze(-1).float()
+            return rlhf_fast.value_loss(values, f["values"][tok][None], f["ret"][tok][None],
+                                        torch.ones_like(values, dtype=torch.bool),
+                                        clip_eps=self.config.value_clip_eps, num_items=num_items)
         values = values_of(model, C.scalar_head(model), s.input_ids[rows], s.attention_mask[rows])
         return rlhf_fast.value_loss(values, ro["values"][rows], ro["ret"][rows], s.response_mask[rows],
                                     clip_eps=self.config.value_clip_eps, num_items=num_items)
@@ -243,7 +280,8 @@ class PPOTrainer(RolloutTrainer):
         cfg, d = self.config, self.dist
         s: Samples = ro["samples"]
         tok = s.response_mask[rows].sum(1)                                     # answer tokens per row
-        micro = D.micro_splits(rows.numel(), cfg.grad_accum)
+        unit = cfg.samples_per_prompt if self.packing == "shared_prefix" else 1  # packed: whole groups
+        micro = [slice(m.start * unit, m.stop * unit) for m in D.micro_splits(rows.numel() // unit, cfg.grad_accum)]
         whole = len(micro) == 1
         n_tok, n_ptx = d.sum(tok.sum(), 0 if ptx is None else ptx.num_tokens)
         n_tok = int(n_tok)
@@ -293,7 +331,8 @@ class PPOTrainer(RolloutTrainer):
         """One PPO iteration: rollout, then ppo_epochs x minibatch updates. Returns the logged statistics.
 
         Each rank splits its rollout rows into minibatches of ``ceil(minibatch_size / world_size)`` rows
-        (every rank has as many rows, so as many minibatches)."""
+        (every rank has as many rows, so as many minibatches). Packed (``packing="shared_prefix"``), a
+        minibatch holds whole groups (a prompt's samples_per_prompt answers; at least one group)."""
         cfg, d = self.config, self.dist
         it = self.step_count if iteration is None else iteration
         t0 = time.time()
@@ -305,7 +344,13 @@ class PPOTrainer(RolloutTrainer):
         n_mb = 0
         for epoch in range(cfg.ppo_epochs):
             g = torch.Generator().manual_seed(C.step_seed(cfg.seed, 4, it, epoch))
-            perm = torch.randperm(b, generator=g).to(self.device)
+            if self.packing == "shared_prefix":  # whole groups, in a random order
+                k = cfg.samples_per_prompt
+                perm = (torch.randperm(b // k, generator=g)[:, None] * k + torch.arange(k)).reshape(-1)
+                chunk = max(1, chunk // k) * k
+            else:
+                perm = torch.randperm(b, generator=g)
+            perm = perm.to(self.device)
             for mb, start in enumerate(range(0, b, chunk)):
                 st = self.update_minibatch(ro, perm[start: start + chunk], self.ptx_batch(it, epoch, mb))
                 for k, v in st.items():

@@ -135,11 +135,13 @@ def _grpo(args) -> int:
     from rlhf_fast.pipeline.grpo import GRPOTrainer
 
     cfg = from_args(GRPOConfig, args)
-    prompts = None
-    if not cfg.prompts:
-        _, _, data = _default_task_data(cfg)
+    prompts = rules = None
+    if not cfg.prompts:  # the default task's prompts, scored by its gold rubric unless told otherwise
+        _, task, data = _default_task_data(cfg)
         prompts = data["ppo_prompts"]
-    result = GRPOTrainer(cfg, prompts=prompts, progress=not args.quiet).train()
+        if not cfg.rule_rewards and not cfg.reward_model:
+            rules = [task.gold_score]
+    result = GRPOTrainer(cfg, prompts=prompts, rules=rules, progress=not args.quiet).train()
     _say(json.dumps(result, indent=2), f"policy: {cfg.output_dir}/model")
     return 0
 

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                        help="compile the Triton kernels for sm_80/sm_90a without a GPU and report registers, spills, "
                             "shared memory, load widths, tensor-core use (rlhf-fast inspect --help)")
     p.set_defaults(fn=_inspect)
-    from rlhf_fast.pipeline.cli import add_subcommands  # pipeline, sft, rm, ppo
+    from rlhf_fast.pipeline.cli import add_subcommands  # pipeline, sft, rm, ppo, grpo, dpo
 
     add_subcommands(sub)
     args, extra = ap.parse_known_args(argv)

@@ -16,6 +16,7 @@ whitened advantages within 1.2e-7. The assertions allow LOSS_ATOL / PARAM_ATOL /
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -29,7 +30,9 @@ pytest.importorskip("transformers")
 
 from rlhf_fast.pipeline import common as C  # noqa: E402
 from rlhf_fast.pipeline import distributed as D  # noqa: E402
-from rlhf_fast.pipeline.config import PPOConfig, RMConfig, SFTConfig  # noqa: E402
+from rlhf_fast.pipeline.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig  # noqa: E402
+from rlhf_fast.pipeline.dpo import DPOTrainer  # noqa: E402
+from rlhf_fast.pipeline.grpo import GRPOTrainer  # noqa: E402
 from rlhf_fast.pipeline.ppo import PPOTrainer  # noqa: E402
 from rlhf_fast.pipeline.reward import RewardTrainer  # noqa: E402
 from rlhf_fast.pipeline.sft import SFTTrainer  # noqa: E402
@@ -38,7 +41,7 @@ from rlhf_fast.pipeline.task import TopicTask, build_tokenizer, sft_examples  # 
 LOSS_ATOL = 5e-6     # loss curves, world size 2 vs 1 (measured <= 4.2e-7)
 PARAM_ATOL = 1e-4    # parameters after 3 AdamW steps, world size 2 vs 1 (measured <= 2.3e-5)
 WHITEN_ATOL = 1e-5   # whitened advantages, all-reduced statistics vs rlhf_fast.gae(whiten=True) on one process
-SFT_STEPS, RM_STEPS = 3, 3
+SFT_STEPS, RM_STEPS, DPO_STEPS = 3, 3, 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +97,32 @@ def run_rm(out: Path, base: Path, **kw):
                    eval_fraction=0.0, log_every=1, **kw)
     model = C.load_scalar_model(str(base / "base0"), pad_token_id=tok.pad_token_id, seed=0)
     tr = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=rm_data(), progress=False)
+    tr.train()
+    return tr
+
+
+def run_dpo(out: Path, base: Path, **kw):
+    tok = build_tokenizer()
+    cfg = DPOConfig(output_dir=str(out), batch_size=8, max_steps=DPO_STEPS, lr=1e-2, warmup_steps=1, device="cpu",
+                    eval_fraction=0.0, log_every=1, **kw)
+    tr = DPOTrainer(cfg, model=C.load_causal_lm(str(base / "base0")), tokenizer=tok, train_data=rm_data(),
+                    progress=False)
+    tr.train()
+    return tr
+
+
+def answer_words(prompt: str, response: str) -> float:
+    """A rule reward for the GRPO runs: the answer's word count."""
+    return float(len(response.split()))
+
+
+def run_grpo(out: Path, base: Path, **kw):
+    tok = build_tokenizer()
+    prompts, _ = ppo_data()
+    cfg = GRPOConfig(output_dir=str(out), iterations=2, prompts_per_iteration=4, num_generations=2, max_new_tokens=6,
+                     beta=0.05, lr=5e-4, device="cpu", temperature=1.0, **kw)
+    tr = GRPOTrainer(cfg, policy=C.load_causal_lm(str(base / "base0")), tokenizer=tok, prompts=prompts,
+                     rules=[answer_words], progress=False)
     tr.train()
     return tr
 
@@ -165,7 +194,10 @@ def single(tmp_path_factory):
     out = prepare(tmp_path_factory.mktemp("single"))
     sft = run_sft(out / "sft")
     rm = run_rm(out / "rm", out / "base")
-    return {"root": out, "sft_loss": losses(out / "sft"), "rm_loss": losses(out / "rm"),
+    dpo = run_dpo(out / "dpo", out / "base")
+    return {"root": out, "dpo_loss": losses(out / "dpo"),
+            "dpo_params": {k: v.detach().clone() for k, v in dpo.model.state_dict().items()},
+            "sft_loss": losses(out / "sft"), "rm_loss": losses(out / "rm"),
             "rm_accuracy": losses(out / "rm", "accuracy"),
             "sft_params": {k: v.detach().clone() for k, v in sft.model.state_dict().items()},
             "rm_params": {k: v.detach().clone() for k, v in rm.model.state_dict().items()}}
@@ -200,6 +232,19 @@ def test_sft_and_rm_ddp_world_size_2_equal_world_size_1(ddp_run, single):
     start = load_file(str(single["root"] / "base" / "base0" / "model.safetensors"))
     moved = max(float((single["sft_params"][k] - start[k]).abs().max()) for k in start)
     assert moved > 100 * PARAM_ATOL
+
+
+def test_dpo_ddp_world_size_2_equals_world_size_1_and_grpo_runs(ddp_run, single):
+    """DPO: 2 ranks x 2 micro-batches give the loss curve and weights of one process (each rank computes the
+    reference log-probs of every pair). GRPO under DDP: two iterations with batch-scaled advantages (every
+    rank's scores) and the KL term, exported."""
+    d = assert_curve(losses(ddp_run / "dpo"), single["dpo_loss"], DPO_STEPS)
+    p = max_param_diff(ddp_run / "dpo_params.safetensors", single["dpo_params"])
+    print(f"ddp vs world size 1 (DPO): loss {d:.2e}, params {p:.2e}")
+    assert p <= PARAM_ATOL
+    rows = C.read_metrics(ddp_run / "grpo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (ddp_run / "grpo" / "model" / "model.safetensors").exists()
 
 
 def test_fsdp_grad_accum_and_checkpointing_equal_world_size_1(fsdp_run, single):
@@ -403,6 +448,9 @@ def worker(mode: str, out: Path) -> None:
         dump_params(tr.model, tr.dist, out / "rm_params.safetensors")
         _ppo_rollout_dump(make_ppo(out / "ppo", base, distributed="ddp"), out)
         make_ppo(out / "ppo_lora", base, distributed="ddp", lora_r=4, lora_alpha=8).train()
+        tr = run_dpo(out / "dpo", base, distributed="ddp", grad_accum=2)
+        dump_params(tr.model, tr.dist, out / "dpo_params.safetensors")
+        run_grpo(out / "grpo", base, distributed="ddp", grad_accum=2, scale_rewards="batch")
         from rlhf_fast.pipeline.cli import main as cli_main  # last: the command ends the process group
 
         rc = cli_main(["sft", "--preset", "tiny", "--distributed", "ddp", "--data", str(base / "sft.jsonl"),

@@ -30,7 +30,14 @@ import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline.config import GRPOConfig, learning_rate
-from rlhf_fast.pipeline.rl import RolloutTrainer, answer_hidden, resolve_packing, without_adapter
+from rlhf_fast.pipeline.rl import (
+    RolloutTrainer,
+    answer_hidden,
+    last_token_scores,
+    resolve_packing,
+    use_sampler_logprobs,
+    without_adapter,
+)
 from rlhf_fast.reference import ADVANTAGE_MODES
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -78,8 +85,7 @@ class GRPOTrainer(RolloutTrainer):
             raise ValueError(f"advantage: expected one of {ADVANTAGE_MODES}, got {cfg.advantage!r}")
         if cfg.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-        if cfg.old_logprobs not in ("auto", "sampler", "recompute"):
-            raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {cfg.old_logprobs!r}")
+        use_sampler_logprobs(cfg.old_logprobs, "fp32")  # checked before any model is loaded
         if cfg.num_generations < 2:
             raise ValueError(f"num_generations: expected >= 2 (a group of one answer has no relative advantage), "
                              f"got {cfg.num_generations}")
@@ -116,8 +122,7 @@ class GRPOTrainer(RolloutTrainer):
         self.packing = resolve_packing(cfg.packing, self.actor)
         self.optimizer = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=learning_rate(cfg, 1e-6, 2e-5),
                                            weight_decay=0.0)
-        self.sampler_logprobs = cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto"
-                                                                  and d.precision != "bf16")
+        self.sampler_logprobs = use_sampler_logprobs(cfg.old_logprobs, d.precision)
         self.evaluator, self.progress = evaluator, progress
         self.step_count, self.total_steps = 0, cfg.iterations
 
@@ -132,11 +137,7 @@ class GRPOTrainer(RolloutTrainer):
         """(B,) the score of each answer: reward model (at the answer's last token) + rule_reward_coef x rules."""
         total = torch.zeros(s.input_ids.shape[0], device=self.device)
         if self.rm_run is not None:
-            def rm_score(model):
-                h = C.hidden_states(model, s.input_ids, s.attention_mask)
-                last = h[torch.arange(h.shape[0], device=h.device), s.last_index]
-                return C.scalar_head(model)(last).squeeze(-1).float()
-            total = total + self.rm_run.no_grad(rm_score)
+            total = total + self.rm_run.no_grad(last_token_scores, s)
         rules = self.rule_scores(s, idx)
         if rules is not None:
             total = total + self.config.rule_reward_coef * rules

@@ -39,7 +39,15 @@ from rlhf_fast.pipeline.chat import Encoder
 from rlhf_fast.pipeline.config import PPOConfig, learning_rate
 from rlhf_fast.pipeline.data import IGNORE, load_ptx
 from rlhf_fast.pipeline.generation import Samples
-from rlhf_fast.pipeline.rl import RolloutTrainer, answer_hidden, load_rule, resolve_packing, without_adapter
+from rlhf_fast.pipeline.rl import (
+    RolloutTrainer,
+    answer_hidden,
+    last_token_scores,
+    load_rule,
+    resolve_packing,
+    use_sampler_logprobs,
+    without_adapter,
+)
 from rlhf_fast.pipeline.sft import encode_lm
 
 __all__ = ["AdaptiveKL", "PPOTrainer", "load_rule", "values_of"]
@@ -104,8 +112,7 @@ class PPOTrainer(RolloutTrainer):
             reward_model, cfg.reward_model, "reward_model: give PPOConfig.reward_model (a path) or pass reward_model=",
             lambda: C.load_scalar_model(cfg.reward_model, cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
                                         seed=cfg.seed))
-        if cfg.old_logprobs not in ("auto", "sampler", "recompute"):
-            raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {cfg.old_logprobs!r}")
+        use_sampler_logprobs(cfg.old_logprobs, "fp32")  # checked before any model is loaded
         for name in ("clip_eps", "minibatch_size", "samples_per_prompt"):
             if not getattr(cfg, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(cfg, name)}")
@@ -146,8 +153,7 @@ class PPOTrainer(RolloutTrainer):
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.score_norm: tuple[float, float] | None = None
         self.step_count, self.total_steps = 0, cfg.iterations
-        self.sampler_logprobs = cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto"
-                                                                  and d.precision != "bf16")
+        self.sampler_logprobs = use_sampler_logprobs(cfg.old_logprobs, d.precision)
 
     # -- rollout ---------------------------------------------------------------------------
     def ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -161,13 +167,8 @@ class PPOTrainer(RolloutTrainer):
     @torch.no_grad()
     def scores(self, s: Samples, idx: list[int]) -> tuple[Tensor, Tensor]:
         """(raw RM score + rule rewards (B,), the RM score alone (B,))."""
-        def rm_score(model):
-            h = C.hidden_states(model, s.input_ids, s.attention_mask)
-            last = h[torch.arange(h.shape[0], device=h.device), s.last_index]
-            return C.scalar_head(model)(last).squeeze(-1).float()
-
-        rm = self.rm_run.no_grad(rm_score) if self.rm_run is not None else \
-            self.critic_run.no_grad(without_adapter(rm_score))
+        rm = self.rm_run.no_grad(last_token_scores, s) if self.rm_run is not None else \
+            self.critic_run.no_grad(without_adapter(last_token_scores), s)
         rules = self.rule_scores(s, idx)
         total = rm.clone() if rules is None else rm + self.config.rule_reward_coef * rules
         return total, rm

@@ -18,8 +18,7 @@ from rlhf_fast.pipeline import trainer as T
 from rlhf_fast.pipeline.chat import Encoder
 from rlhf_fast.pipeline.config import RMConfig, data_options, learning_rate
 from rlhf_fast.pipeline.data import load_ranked, pad_right
-
-PACKINGS = ("shared_prefix", "padded")
+from rlhf_fast.pipeline.rl import PACKINGS, resolve_packing
 
 
 def encode_ranked(encoder: Encoder, rows: list[dict]):
@@ -92,8 +91,7 @@ class RewardTrainer(T.OneModelTrainer):
 
     def __init__(self, config: RMConfig, *, model=None, tokenizer=None, train_data: list[dict] | None = None,
                  eval_data: list[dict] | None = None, progress: bool = True):
-        if config.packing not in PACKINGS:
-            raise ValueError(f"packing: expected one of {PACKINGS}, got {config.packing!r}")
+        resolve_packing(config.packing)  # checked before any model is loaded
         self.config = config
         self.dist = D.setup(config.distributed, config.device, config.precision)
         self.device = self.dist.device
@@ -104,9 +102,7 @@ class RewardTrainer(T.OneModelTrainer):
             model, config.model, "model: give RMConfig.model (the SFT model's path) or pass model=",
             lambda: C.load_scalar_model(config.model, config.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
                                         seed=config.seed))
-        self.packing = config.packing
-        if self.packing == "shared_prefix" and getattr(model.config, "_attn_implementation", None) != C.ATTN:
-            self.packing = "padded"  # the model cannot run rlhf_fast attention: padded batches
+        self.packing = resolve_packing(config.packing, model)  # padded for a model without rlhf_fast attention
         self.model, self.tokenizer = D.prepare(model, config, self.dist, "SEQ_CLS"), tokenizer
         self.engine = D.Engine(self.model, self.dist)
         train_data = C.given_or_loaded(

@@ -55,12 +55,32 @@ def without_adapter(fn):
     return run
 
 
-def resolve_packing(packing: str, model) -> str:
+OLD_LOGPROBS = ("auto", "sampler", "recompute")
+
+
+def use_sampler_logprobs(old_logprobs: str, precision: str) -> bool:
+    """Whether the ratio's old log-probs are the sampler's own (``old_logprobs`` of PPOConfig / GRPOConfig:
+    "sampler", "recompute", or "auto": the sampler's unless under bf16)."""
+    if old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {old_logprobs!r}")
+    return old_logprobs == "sampler" or (old_logprobs == "auto" and precision != "bf16")
+
+
+def last_token_scores(model, s: Samples) -> Tensor:
+    """(B,) fp32 scalar-head scores of a reward model at each answer's last token."""
+    h = C.hidden_states(model, s.input_ids, s.attention_mask)
+    last = h[torch.arange(h.shape[0], device=h.device), s.last_index]
+    return C.scalar_head(model)(last).squeeze(-1).float()
+
+
+def resolve_packing(packing: str, model=None) -> str:
     """`packing` checked; "shared_prefix" falls back to "padded" for a model that cannot run the rlhf_fast
-    attention (loaded with another attn_implementation)."""
+    attention (loaded with another attn_implementation). Without a model: only the check."""
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
-    if packing == "shared_prefix" and getattr(D.unwrap_peft(model).config, "_attn_implementation", None) != C.ATTN:
+    if model is None or packing != "shared_prefix":
+        return packing
+    if getattr(D.unwrap_peft(model).config, "_attn_implementation", None) != C.ATTN:
         return "padded"
     return packing
 
@@ -77,7 +97,6 @@ def answer_hidden(model, prompts: list[list[int]], answers: list[list[list[int]]
     base = D.unwrap_peft(model)  # a LoRA model: the transformers model with its adapters inside
     n_ans = [len(a) for a in answers]
     flat_answers = [a for ans in answers for a in ans]
-    answer_of = torch.repeat_interleave(torch.arange(len(flat_answers)), torch.tensor([len(a) for a in flat_answers]))
     if packing == "shared_prefix":
         from rlhf_fast.integrations.transformers import LAYOUT_KWARG, shared_prefix_inputs
 
@@ -100,7 +119,9 @@ def answer_hidden(model, prompts: list[list[int]], answers: list[list[list[int]]
     t = torch.arange(ids.shape[1] - 1, device=device)
     predicts = (t[None] >= plen[:, None] - 1) & (mask[:, 1:] > 0)          # position t predicts an answer token
     h = C.hidden_states(base, ids, mask)[:, :-1]
-    return h[predicts], ids[:, 1:][predicts], answer_of.to(device)
+    answer_of = torch.repeat_interleave(torch.arange(len(flat_answers), device=device),
+                                        torch.tensor([len(a) for a in flat_answers], device=device))
+    return h[predicts], ids[:, 1:][predicts], answer_of
 
 
 class RolloutTrainer(T.Trainer):

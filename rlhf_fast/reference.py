@@ -453,10 +453,22 @@ def _rl_masked_extreme(x: Tensor, valid: Tensor, *, largest: bool) -> Tensor:
     return torch.where(valid.any(), extreme, torch.zeros_like(extreme))
 
 
+POLICY_OBJECTIVES = ("clip", "cispo")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def sequence_log_ratio_ref(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """(B,) the mask-weighted mean over each sequence of ``logprobs - old_logprobs`` (0 for a row without valid
+    tokens): the log of GSPO's sequence-level importance ratio ``(pi / pi_old)^(1 / |y|)``. Differentiable in
+    ``logprobs``: each valid token of row b receives ``m_bt / sum_t m_bt`` of the row's gradient."""
+    valid, m, (lp, old) = _rl_valid_fp32(mask, logprobs, old_logprobs.detach())
+    return (m * (lp - old)).sum(1) / m.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def ppo_policy_loss_terms_ref(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                               clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                              dual_clip: float | None = None, log_ratio_clamp: float | None = 20.0
-                              ) -> dict[str, Tensor]:
+                              dual_clip: float | None = None, log_ratio_clamp: float | None = 20.0,
+                              objective: str = "clip", ratio_level: str = "token") -> dict[str, Tensor]:
     """Per-token terms of the PPO clipped-ratio objective, (B, T) fp32 each (0 at masked positions):
 
         d = clamp(logprobs - old_logprobs, -c, c)  (c = log_ratio_clamp; no clamp when None)
@@ -468,17 +480,42 @@ def ppo_policy_loss_terms_ref(logprobs: Tensor, old_logprobs: Tensor, advantages
         k3 = exp(d) - 1 - d  (of the clamped d; expm1(d) - d in float64, as in kl_penalty_ref): the k3 estimate of
              KL(old || new), with x = old - new in kl_penalty_ref's k3
 
+    objective="cispo" (MiniMax-M1's CISPO, TRL's loss_type="cispo"): a REINFORCE term weighted by the ratio capped
+    above and detached, ``w = min(r, 1 + clip_eps_high)``, ``loss = -w * A * logprobs``, ``grad = -w * A``
+    (everywhere: the weight is data, so neither the cap nor the log-ratio clamp stops the gradient),
+    ``clipped = r > 1 + clip_eps_high``; clip_eps and dual_clip are unused.
+
+    ratio_level="sequence" (GSPO): ``d`` of every token of row b is the row's sequence_log_ratio_ref (then
+    clamped); the gradient reaches each token through that mean. Not with objective="cispo".
+
     Returns a dict with loss, grad, clipped, dual_clipped (0/1 floats), k3, ratio and valid (bool).
-    `loss` is differentiable in `logprobs` through autograd; `grad` is its derivative written out.
+    `loss` is differentiable in `logprobs` through autograd; `grad` is its derivative written out (w.r.t. d for
+    ratio_level="sequence": the derivative w.r.t. logprobs is then its row mean, which autograd takes).
     """
+    if objective not in POLICY_OBJECTIVES:
+        raise ValueError(f"objective: expected one of {POLICY_OBJECTIVES}, got {objective!r}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level: expected one of {RATIO_LEVELS}, got {ratio_level!r}")
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     valid, m, (lp, old, adv) = _rl_valid_fp32(mask, logprobs, old_logprobs.detach(), advantages.detach())
     log_ratio = lp - old
+    if ratio_level == "sequence":
+        if objective == "cispo":
+            raise ValueError("ratio_level: 'sequence' is not defined for objective='cispo' (its loss is per token)")
+        seq = sequence_log_ratio_ref(logprobs, old_logprobs, mask)
+        log_ratio = torch.where(valid, seq[:, None].expand_as(lp), torch.zeros_like(lp))
     clamped = torch.zeros_like(valid)
     if log_ratio_clamp is not None:
         clamped = log_ratio.detach().abs() > log_ratio_clamp
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)  # gradient 0 outside the range
     ratio = torch.exp(log_ratio)
+    d64 = log_ratio.detach().double()
+    k3 = (torch.expm1(d64) - d64).float()
+    if objective == "cispo":
+        w = ratio.detach().clamp(max=1.0 + eps_high)
+        grad = (-adv * w).detach()
+        return dict(loss=grad * lp, grad=grad, clipped=(ratio.detach() > 1.0 + eps_high).float(),
+                    dual_clipped=torch.zeros_like(lp), k3=k3, ratio=ratio.detach(), valid=valid, m=m)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
@@ -489,8 +526,6 @@ def ppo_policy_loss_terms_ref(logprobs: Tensor, old_logprobs: Tensor, advantages
         dual_clipped = (adv < 0) & (loss > loss_dual)
         loss = torch.where(adv < 0, torch.minimum(loss, loss_dual), loss)
     grad = torch.where(clipped | dual_clipped | clamped, torch.zeros_like(ratio), -adv * ratio).detach()
-    d64 = log_ratio.detach().double()
-    k3 = (torch.expm1(d64) - d64).float()
     return dict(loss=loss, grad=grad, clipped=clipped.float(), dual_clipped=dual_clipped.float(), k3=k3,
                 ratio=ratio.detach(), valid=valid, m=m)
 
@@ -501,8 +536,8 @@ PPO_POLICY_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "r
 def ppo_policy_loss_ref(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                         clip_eps: float = 0.2, clip_eps_high: float | None = None,
                         dual_clip: float | None = None, aggregation: str = "token-mean", num_items=None,
-                        norm_length: int | None = None, log_ratio_clamp: float | None = 20.0
-                        ) -> tuple[Tensor, dict[str, Tensor]]:
+                        norm_length: int | None = None, log_ratio_clamp: float | None = 20.0,
+                        objective: str = "clip", ratio_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped-ratio policy loss (per-token terms: ppo_policy_loss_terms_ref), aggregated by
     `aggregation` (rlhf_fast/ops/_aggregation.py), and its statistics over the valid tokens:
     clip_frac, dual_clip_frac, approx_kl (mean k3), ratio_mean (all weighted by the mask), ratio_min,
@@ -512,7 +547,8 @@ def ppo_policy_loss_ref(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     from rlhf_fast.ops._aggregation import aggregate
 
     t = ppo_policy_loss_terms_ref(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
-                                  clip_eps_high=clip_eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp)
+                                  clip_eps_high=clip_eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp,
+                                  objective=objective, ratio_level=ratio_level)
     return aggregate(t["loss"], mask, aggregation, num_items, norm_length), ppo_policy_stats_ref(t)
 
 
@@ -728,6 +764,42 @@ def masked_attention_backward_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
 # ---------------------------------------------------------------------------------------------
 # group_advantages: GRPO / Dr. GRPO / RLOO / REINFORCE++ advantages from one score per answer
 # ---------------------------------------------------------------------------------------------
+
+ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+ROLLOUT_IS_STATS = ("weight_mean", "clipped_frac", "log_diff_mean", "log_diff_max")
+
+
+def rollout_importance_weights_ref(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, *,
+                                   mode: str = "sequence_mask", clip_max: float = 3.0,
+                                   clip_min: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token importance weights that correct for rollouts sampled by another engine (TRL's
+    vllm_importance_sampling_correction, verl's rollout_is), in float64 then fp32 (B, T):
+
+        delta = old_logprobs - sampler_logprobs at valid tokens, 0 where the mask is 0 or delta is NaN
+        token_*:    rho_t = exp(delta_t)             sequence_*: rho_t = exp(sum_t' delta_t') for every t of the row
+        *_truncate: w = clamp(rho, clip_min, clip_max)
+        *_mask:     w = rho where clip_min <= rho <= clip_max, else 0
+        w = 0 at masked positions.
+
+    Statistics over valid tokens (mask-weighted): weight_mean, clipped_frac (tokens whose rho was truncated or
+    masked), log_diff_mean / log_diff_max (mean and max of |delta_t|); all 0 without a valid token.
+    """
+    valid = mask != 0
+    m = mask.double()
+    delta = torch.where(valid, old_logprobs.double() - sampler_logprobs.double(), torch.zeros((), dtype=torch.float64))
+    delta = torch.nan_to_num(delta, nan=0.0)
+    rho = torch.exp(delta) if mode.startswith("token") else torch.exp(delta.sum(1, keepdim=True)).expand_as(delta)
+    lo = 0.0 if clip_min is None else clip_min
+    out = (rho < lo) | (rho > clip_max)
+    w = rho.clamp(lo, clip_max) if mode.endswith("truncate") else torch.where(out, torch.zeros_like(rho), rho)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    n = m.sum()
+    mean = lambda x: (x * m).sum() / n if n > 0 else torch.zeros((), dtype=torch.float64)
+    absd = torch.where(valid, delta.abs(), torch.zeros_like(delta))
+    stats = {"weight_mean": mean(w), "clipped_frac": mean((out & valid).double()), "log_diff_mean": mean(absd),
+             "log_diff_max": absd.max() if absd.numel() else torch.zeros((), dtype=torch.float64)}
+    return w.float(), {k: v.float() for k, v in stats.items()}
+
 
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 ADVANTAGE_SCALES = ("group", "batch", "none")

@@ -121,7 +121,7 @@ def kl_case(estimator, clamp=None):
     return build
 
 
-def policy_case(aggregation, dual_clip=None, clip_eps_high=None):
+def policy_case(aggregation, dual_clip=None, clip_eps_high=None, **options):
     def build(dtype):
         b, t = 6, 97
         lp = _randn(b, t, dtype=dtype, scale=0.2, shift=-2)
@@ -129,7 +129,7 @@ def policy_case(aggregation, dual_clip=None, clip_eps_high=None):
         adv, mask = _randn(b, t, dtype=dtype), _mask(b, t)
         return Case(lambda bk, x: rlhf_fast.ppo_policy_loss(x, old, adv, mask, dual_clip=dual_clip,
                                                              clip_eps_high=clip_eps_high, aggregation=aggregation,
-                                                             backend=bk), [lp], (0,))
+                                                             **options, backend=bk), [lp], (0,))
     return build
 
 
@@ -228,6 +228,8 @@ CASES = [
     ("ppo_policy_loss", "6x97-token-mean", policy_case("token-mean"), False),
     ("ppo_policy_loss", "6x97-seq-dual-clip", policy_case("seq-mean-token-mean", dual_clip=3.0, clip_eps_high=0.28),
      False),
+    ("ppo_policy_loss", "6x97-cispo", policy_case("token-mean", clip_eps_high=4.0, objective="cispo"), False),
+    ("ppo_policy_loss", "6x97-gspo", policy_case("seq-mean-token-mean", ratio_level="sequence"), False),
     ("value_loss", "6x97-token-mean", value_case("token-mean"), False),
     ("value_loss", "6x97-seq-mean-token-sum", value_case("seq-mean-token-sum"), False),
     ("gae", "7x301", gae_case(packed=False, whiten=False), False),

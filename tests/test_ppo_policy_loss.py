@@ -252,16 +252,18 @@ def test_bad_input(kwargs, match):
 def test_opcheck(backend):
     lp, old, adv, mask = make_inputs((4, 40), torch.float32, seed_garbage=False)
     # params: clip_eps_low, clip_eps_high, dual_clip (0: none), log_ratio_clamp (0: none), aggregation code,
-    # num_items (-1: none), norm_length (-1: T), need_grad
-    for params, items in (([0.2, 0.28, 0.0, 20.0, 0, -1, -1, 1], None), ([0.2, 0.28, 3.0, 0.0, 1, 5, -1, 1], None),
-                          ([0.1, 0.2, 2.0, 0.1, 3, -1, -1, 1], torch.tensor(7.0))):
+    # num_items (-1: none), norm_length (-1: T), objective (0: clip, 1: cispo), need_grad
+    for params, items in (([0.2, 0.28, 0.0, 20.0, 0, -1, -1, 0, 1], None),
+                          ([0.2, 0.28, 3.0, 0.0, 1, 5, -1, 0, 1], None),
+                          ([0.1, 0.2, 2.0, 0.1, 3, -1, -1, 0, 1], torch.tensor(7.0)),
+                          ([0.2, 4.0, 0.0, 20.0, 0, -1, -1, 1, 1], None)):
         torch.library.opcheck(torch.ops.rlhf_fast.ppo_policy_loss.default,
                               (lp.clone().requires_grad_(True), old, adv, mask, items, params, backend))
     torch.library.opcheck(torch.ops.rlhf_fast.ppo_policy_loss.default,
-                          (lp, old, adv, mask, None, [0.2, 0.2, 0.0, 20.0, 2, -1, 50, 0], backend))
+                          (lp, old, adv, mask, None, [0.2, 0.2, 0.0, 20.0, 2, -1, 50, 0, 0], backend))
     torch.library.opcheck(torch.ops.rlhf_fast.ppo_policy_loss.default,
                           (lp.to(torch.bfloat16).requires_grad_(True), old, adv, mask.float(), None,
-                           [0.2, 0.2, 0.0, 20.0, 0, -1, -1, 1], backend))
+                           [0.2, 0.2, 0.0, 20.0, 0, -1, -1, 0, 1], backend))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -91,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_clamp
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
     double clip_eps_low, double clip_eps_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
     int64_t aggregation, const std::optional<at::Tensor>& num_items, int64_t num_items_int, int64_t norm_length,
-    bool need_grad) {
+    bool need_grad, bool cispo) {
+  TORCH_CHECK(!(cispo && dual_clip.has_value()), "dual_clip: not used with the cispo objective, expected None");
   check_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps_low, clip_eps_high, dual_clip, aggregation,
                     num_items, norm_length);
   const float clamp = positive_or_none(log_ratio_clamp, "log_ratio_clamp");
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_clamp
     // 1 - eps and 1 + eps rounded to fp32 the way the reference's ratio.clamp(1 - eps, 1 + eps) does
     ppo_policy_partials_stub()()(logprobs, old_logprobs, advantages, mask, float(1.0 - clip_eps_low),
                                  float(1.0 + clip_eps_high), dual_clip.has_value() ? float(*dual_clip) : 0.f, clamp,
-                                 kPpoTile, partials.data(), need_grad ? out.token_grad.data_ptr<float>() : nullptr);
+                                 cispo, kPpoTile, partials.data(), need_grad ? out.token_grad.data_ptr<float>() : nullptr);
   }
 
   // Tiles -> rows (in order), and the statistics' totals.
@@ -174,10 +175,11 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
         "bool need_grad) -> (Tensor, Tensor)");
   // (B, T) inputs -> (loss () fp32, stats (6,) fp32, token_grad (B, T) fp32 or (0,), row_scale (B,) fp32);
   // aggregation 0..3 as AGGREGATIONS; num_items tensor, else num_items_int (-1: none); norm_length -1: T;
-  // log_ratio_clamp: the clamp of logprobs - old_logprobs before exp (None: none)
+  // log_ratio_clamp: the clamp of logprobs - old_logprobs before exp (None: none); cispo: the CISPO objective
   m.def("ppo_policy_loss_clamped_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
         "float clip_eps_low, float clip_eps_high, float? dual_clip, float? log_ratio_clamp, int aggregation, "
-        "Tensor? num_items, int num_items_int, int norm_length, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? num_items, int num_items_int, int norm_length, bool need_grad, bool cispo=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // the same for value_loss, stats (2,)
   m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip_eps, "
         "int aggregation, Tensor? num_items, int num_items_int, int norm_length, bool need_grad) "

@@ -129,7 +129,7 @@ def _masked_tile(a_ptr, b_ptr, c_ptr, mask_ptr, row, cols, inb, stride_a_r, stri
 
 @triton.jit
 def _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, log_ratio_clamp, HAS_DUAL: tl.constexpr,
-                  HAS_LOG_RATIO_CLAMP: tl.constexpr):
+                  HAS_LOG_RATIO_CLAMP: tl.constexpr, CISPO: tl.constexpr):
     """(loss, grad, clipped, dual_clipped, k3, ratio) of valid tokens (see ppo::policy_token)."""
     d = lp - old
     if HAS_LOG_RATIO_CLAMP:  # before exp; the ratio is constant (gradient 0) outside the range
@@ -137,6 +137,9 @@ def _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip, log_ratio_clam
         d = tl.where(d > log_ratio_clamp, log_ratio_clamp, tl.where(d < -log_ratio_clamp, -log_ratio_clamp, d))
     r, _, k3 = _exp_parts(d)
     neg_adv = 0.0 - adv
+    if CISPO:  # the capped ratio is a constant weight: no clamp stops the gradient
+        g = neg_adv * tl.minimum(r, ratio_high)
+        return g * lp, g, tl.where(r > ratio_high, 1.0, 0.0), tl.zeros_like(g), k3, r
     l1 = neg_adv * r
     l2 = neg_adv * tl.minimum(tl.maximum(r, ratio_low), ratio_high)
     clipped = l2 > l1
@@ -193,7 +196,8 @@ def _ppo_policy_loss_fwd_kernel(
     ratio_low, ratio_high,     # 1 - eps_low, 1 + eps_high
     dual_clip,                 # c > 1, read only when HAS_DUAL
     log_ratio_clamp,           # > 0, read only when HAS_LOG_RATIO_CLAMP
-    HAS_DUAL: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DUAL: tl.constexpr, HAS_LOG_RATIO_CLAMP: tl.constexpr, CISPO: tl.constexpr, NEED_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -203,7 +207,7 @@ def _ppo_policy_loss_fwd_kernel(
         lp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, inb,
         stride_lp_r, stride_lp_c, stride_old_r, stride_old_c, stride_adv_r, stride_adv_c, stride_m_r, stride_m_c)
     loss, grad, clipped, dual, k3, ratio = _policy_token(lp, old, adv, ratio_low, ratio_high, dual_clip,
-                                                         log_ratio_clamp, HAS_DUAL, HAS_LOG_RATIO_CLAMP)
+                                                         log_ratio_clamp, HAS_DUAL, HAS_LOG_RATIO_CLAMP, CISPO)
     if NEED_GRAD:
         tl.store(token_grad_ptr + row * n_cols + cols, m * grad, mask=inb)
     out = partials_ptr + (row * tl.num_programs(1) + tile) * 8
@@ -417,7 +421,8 @@ def _kl_fwd_launch(lp, ref, kl, dkl, estimator, clamp, cap=None):
     return args, constexprs, warps, _grid(n_rows, n_cols, block)
 
 
-def _policy_fwd_launch(lp, old, adv, mask, partials, token_grad, eps_low, eps_high, dual_clip, log_ratio_clamp):
+def _policy_fwd_launch(lp, old, adv, mask, partials, token_grad, eps_low, eps_high, dual_clip, log_ratio_clamp,
+                       cispo=False):
     n_rows, n_cols = lp.shape
     block, warps = launch_config(n_cols)
     args = dict(lp_ptr=lp, old_ptr=old, adv_ptr=adv, mask_ptr=mask, partials_ptr=partials,
@@ -430,7 +435,7 @@ def _policy_fwd_launch(lp, old, adv, mask, partials, token_grad, eps_low, eps_hi
                 dual_clip=float(dual_clip) if dual_clip is not None else 2.0,
                 log_ratio_clamp=float(log_ratio_clamp) if log_ratio_clamp is not None else 1.0)
     constexprs = dict(HAS_DUAL=dual_clip is not None, HAS_LOG_RATIO_CLAMP=log_ratio_clamp is not None,
-                      NEED_GRAD=token_grad is not None, BLOCK=block)
+                      CISPO=bool(cispo), NEED_GRAD=token_grad is not None, BLOCK=block)
     return args, constexprs, warps, _grid(n_rows, n_cols, block)
 
 
@@ -500,12 +505,12 @@ def _loss_fwd(kernel, launch_fn, inputs, n_partials, n_stats, aggregation, num_i
 
 
 def ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, dual_clip, log_ratio_clamp,
-                        aggregation, num_items, num_items_int, norm_length, need_grad):
+                        aggregation, num_items, num_items_int, norm_length, need_grad, cispo=False):
     """(B, T) inputs (any strides; float dtypes, mask bool or float) -> (loss (), stats (6,), token_grad
     (B, T) or (0,), row_scale (B,)), all fp32; see rlhf_fast/ops/ppo_policy_loss.py."""
     return _loss_fwd(_ppo_policy_loss_fwd_kernel, _policy_fwd_launch, (logprobs, old_logprobs, advantages, mask),
                      POLICY_PARTIALS, POLICY_STATS, aggregation, num_items, num_items_int, norm_length, need_grad,
-                     eps_low, eps_high, dual_clip, log_ratio_clamp)
+                     eps_low, eps_high, dual_clip, log_ratio_clamp, cispo)
 
 
 def value_loss_fwd(values, old_values, returns, mask, clip_eps, aggregation, num_items, num_items_int, norm_length,
@@ -529,9 +534,9 @@ AOT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
     """The distinct kernel configurations the launchers use for `shapes` x `dtypes` (all inputs of one
     dtype, a bool mask): every estimator of kl_penalty, without gradient, and with the derivative and
-    a clamp; the policy loss with and without dual clip and the value loss, each with the per-token
-    gradient; the finalize kernel of both losses for every aggregation. Built from the launchers' own
-    argument builders on meta tensors, so they cannot drift from what runs."""
+    a clamp; the policy loss with and without dual clip and with the cispo objective, and the value loss,
+    each with the per-token gradient; the finalize kernel of both losses for every aggregation. Built from the
+    launchers' own argument builders on meta tensors, so they cannot drift from what runs."""
     from rlhf_fast.kernels._aot import SpecSet, spec_from_args
 
     meta = dict(device="meta")
@@ -561,6 +566,8 @@ def aot_specs(shapes=AOT_SHAPES, dtypes=AOT_DTYPES):
             for dual in (None, 3.0):
                 add("ppo_policy_loss_fwd" + ("+dual" if dual else ""), _ppo_policy_loss_fwd_kernel,
                     _policy_fwd_launch(x, x, x, mask, partials, f32, 0.2, 0.28, dual, 20.0), label)
+            add("ppo_policy_loss_fwd+cispo", _ppo_policy_loss_fwd_kernel,
+                _policy_fwd_launch(x, x, x, mask, partials, f32, 0.2, 4.0, None, 20.0, True), label)
             add("value_loss_fwd", _value_loss_fwd_kernel, _value_fwd_launch(x, x, x, mask, partials, f32, 0.2), label)
     scalar = torch.empty((), dtype=torch.float32, **meta)
     for is_value in (False, True):

@@ -17,9 +17,10 @@ from rlhf_fast.ops.linear_logprobs import linear_logprobs
 from rlhf_fast.ops.linear_ppo_loss import linear_ppo_loss
 from rlhf_fast.ops.ppo_policy_loss import ppo_policy_loss
 from rlhf_fast.ops.ranking_loss import RankingStats, pairwise_loss, ranking_loss
+from rlhf_fast.ops.rollout_correction import rollout_importance_weights
 from rlhf_fast.ops.value_loss import value_loss
 
 __all__ = ["DPOStats", "RankingStats", "SharedPrefixLayout", "attention", "shared_prefix_attention",
            "shared_prefix_layout", "varlen_attention", "dpo_loss", "gae", "gather_logprobs", "group_advantages",
            "kl_penalty", "linear", "linear_logprobs", "linear_ppo_loss", "pairwise_loss", "ppo_policy_loss",
-           "ranking_loss", "value_loss"]
+           "ranking_loss", "rollout_importance_weights", "value_loss"]

@@ -22,10 +22,10 @@ using KlPenaltyFwdFn = void (*)(const at::Tensor& logprobs, const at::Tensor& re
 // each; mask bool or float), cut into tiles of `tile` columns of one row: writes kPolicyPartials
 // floats per tile to `partials` (tile-major, row by row) and, when token_grad is non-null, the
 // unweighted per-token gradient m * dl/dlogprobs to token_grad (B, T) fp32 contiguous.
-// log_ratio_clamp <= 0: none.
+// log_ratio_clamp <= 0: none; cispo: the CISPO objective (ppo::policy_token).
 using PpoPolicyPartialsFn = void (*)(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                                      const at::Tensor& advantages, const at::Tensor& mask, float ratio_low,
-                                     float ratio_high, float dual_clip, float log_ratio_clamp, int64_t tile,
+                                     float ratio_high, float dual_clip, float log_ratio_clamp, bool cispo, int64_t tile,
                                      float* partials, float* token_grad);
 // The same for value_loss: kValuePartials floats per tile, token_grad = m * dl/dvalues.
 using ValuePartialsFn = void (*)(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,

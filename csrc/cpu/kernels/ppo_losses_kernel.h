@@ -238,8 +238,8 @@ inline void kl_penalty_fwd_kernel(const at::Tensor& logprobs, const at::Tensor& 
 
 inline void ppo_policy_partials_kernel(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                                        const at::Tensor& advantages, const at::Tensor& mask, float ratio_low,
-                                       float ratio_high, float dual_clip, float log_ratio_clamp, int64_t tile_len,
-                                       float* partials, float* token_grad) {
+                                       float ratio_high, float dual_clip, float log_ratio_clamp, bool cispo,
+                                       int64_t tile_len, float* partials, float* token_grad) {
   const Rows lp(logprobs), old(old_logprobs), adv(advantages), msk(mask);
   const Tiling tiles(logprobs.size(0), logprobs.size(1), tile_len);
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -265,7 +265,7 @@ inline void ppo_policy_partials_kernel(const at::Tensor& logprobs, const at::Ten
           const auto t = ppo::policy_token<PpoVecOps>(Vec::blendv(zero, Vec::loadu(pl + k), valid),
                                                       Vec::blendv(zero, Vec::loadu(po + k), valid),
                                                       Vec::blendv(zero, Vec::loadu(pa + k), valid), ratio_low,
-                                                      ratio_high, dual_clip, log_ratio_clamp);
+                                                      ratio_high, dual_clip, log_ratio_clamp, cispo);
           s_loss = at::vec::fmadd(m, t.loss, s_loss);
           s_count = s_count + m;
           s_clipped = at::vec::fmadd(m, t.clipped, s_clipped);

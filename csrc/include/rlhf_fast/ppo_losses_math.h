@@ -25,6 +25,8 @@
 //   dl/d logprobs = -A r unless clipped or dual_clipped or the log-ratio clamp is active (|d| > c),
 //   then 0
 //   k3 = e^d - 1 - d (of the clamped d): the k3 estimate of KL(old || new) (x = old - new in the k3 above)
+//   cispo (MiniMax-M1's CISPO): w = min(r, 1 + eps_high) as a constant weight, l = -A w logprobs,
+//   dl/d logprobs = -A w everywhere, clipped = r > 1 + eps_high; lo and dual_c are unused
 //
 // value_loss, per valid token: v_c = clip(v, v_old - eps, v_old + eps),
 //   l = 0.5 max((v - R)^2, (v_c - R)^2),  clipped = (v_c - R)^2 > (v - R)^2,
@@ -182,10 +184,10 @@ struct PolicyToken {
 };
 
 // One (valid) token. lo = 1 - eps_low, hi = 1 + eps_high; dual_c <= 0 means no dual clip;
-// log_ratio_clamp <= 0 means no clamp of d before exp.
+// log_ratio_clamp <= 0 means no clamp of d before exp; cispo: the CISPO objective instead of the clip.
 template <class Ops, class F>
 RLHF_FAST_HD PolicyToken<F> policy_token(F logprob, F old_logprob, F adv, float lo, float hi, float dual_c,
-                                         float log_ratio_clamp = kDefaultLogRatioClamp) {
+                                         float log_ratio_clamp = kDefaultLogRatioClamp, bool cispo = false) {
   using M = typename Ops::M;
   const F zero = Ops::splat(0.f), one = Ops::splat(1.f);
   F d = logprob - old_logprob;
@@ -198,6 +200,10 @@ RLHF_FAST_HD PolicyToken<F> policy_token(F logprob, F old_logprob, F adv, float 
   F r, em1, k3;
   exp_parts<Ops>(d, r, em1, k3);
   const F neg_adv = zero - adv;
+  if (cispo) {
+    const F g = neg_adv * Ops::min(r, Ops::splat(hi));  // the capped ratio is data: no clamp stops the gradient
+    return PolicyToken<F>{g * logprob, g, Ops::select(Ops::gt(r, Ops::splat(hi)), one, zero), zero, k3, r};
+  }
   const F l1 = neg_adv * r;
   const F l2 = neg_adv * Ops::min(Ops::max(r, Ops::splat(lo)), Ops::splat(hi));
   const M clipped = Ops::gt(l2, l1);

@@ -48,10 +48,14 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_type, beta, lora", [("dapo", 0.0, 0), ("grpo", 0.1, 0), ("dr_grpo", 0.1, 8)])
-def test_grpo_packed_loss_and_gradients_equal_padded(tok, tmp_path, loss_type, beta, lora):
+@pytest.mark.parametrize("loss_type, beta, lora, extra", [
+    ("dapo", 0.0, 0, {}), ("grpo", 0.1, 0, {}), ("dr_grpo", 0.1, 8, {}),
+    ("cispo", 0.1, 0, dict(epsilon_high=1.5)), ("grpo", 0.1, 0, dict(importance_sampling_level="sequence")),
+    ("dapo", 0.0, 0, dict(delta=1.3, rollout_is="token_truncate", rollout_is_max=1.01, old_logprobs="recompute"))],
+    ids=["dapo", "grpo+kl", "dr_grpo+lora", "cispo", "gspo", "delta+rollout_is"])
+def test_grpo_packed_loss_and_gradients_equal_padded(tok, tmp_path, loss_type, beta, lora, extra):
     tr = grpo(tok, tmp_path, loss_type=loss_type, beta=beta, lora_r=lora, packing="shared_prefix",
-              num_iterations=2)
+              num_iterations=2, **extra)
     assert tr.packing == "shared_prefix"
     ro = tr.rollout(0)
     assert sum(len(a) for ans in ro["answers"] for a in ans) == ro["old"].numel() == int(ro["lengths"].sum())
@@ -74,6 +78,54 @@ def test_grpo_packed_loss_and_gradients_equal_padded(tok, tmp_path, loss_type, b
     assert g1.keys() == g2.keys() and len(g1) > 0
     for n in g1:
         assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
+
+
+def test_gspo_equals_token_level_on_policy_and_its_log_prob_path_the_fused_head(tok, tmp_path):
+    """On policy (ratio 1) GSPO's gradient is the token-level one: GSPO through the log-prob path
+    (linear_logprobs + ppo_policy_loss + kl_penalty) equals GRPO through the fused head (linear_ppo_loss), loss,
+    KL and every gradient, with a KL term that is not 0."""
+    out = {}
+    for level in ("token", "sequence"):
+        tr = grpo(tok, tmp_path / level, loss_type="grpo", beta=0.2, importance_sampling_level=level)
+        ro = tr.rollout(0)
+        ro["old"] = tr._logprobs(tr.actor_run, ro)                 # the trainer's own: the ratio is exactly 1
+        ro["ref"] = ro["old"] + 0.3 * torch.randn(ro["old"].shape, generator=torch.Generator().manual_seed(0))
+        tr.actor.zero_grad(set_to_none=True)
+        loss, st = tr.actor_run(tr._loss, ro, [0, 1], float(ro["lengths"].sum()), float(ro["lengths"].numel()))
+        loss.backward()
+        out[level] = (loss.detach(), st, grads(tr.actor))
+    (l1, s1, g1), (l2, s2, g2) = out["token"], out["sequence"]
+    assert float(s1["kl"]) > 1e-3 and float(s1["ratio_max"]) == pytest.approx(1.0, abs=1e-5)
+    assert_close(l1, l2, "loss", atol=1e-5, rtol=1e-4)
+    for key in ("kl", "entropy", "ratio_mean", "approx_kl"):
+        assert_close(s1[key], s2[key], key, atol=1e-5, rtol=1e-4)
+    for n in g1:
+        assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
+
+
+def test_rollout_importance_weights_scale_the_policy_term(tok, tmp_path):
+    """rollout_is: the sampler's log-probs are the weights' (the ratio's old log-probs are recomputed); with the
+    sampler in fp32 they agree, so the weights are ~1; doubled weights double a KL-free loss and its gradient."""
+    tr = grpo(tok, tmp_path, rollout_is="sequence_truncate", rollout_is_max=2.0, beta=0.0)
+    assert not tr.sampler_logprobs
+    ro = tr.rollout(0)
+    assert ro["is_w"].shape == ro["old"].shape
+    assert_close(ro["is_w"], torch.ones_like(ro["is_w"]), "weights", atol=1e-3, rtol=0)
+    assert abs(ro["stats"]["rollout_is_weight"] - 1.0) < 1e-3 and ro["stats"]["rollout_is_log_diff"] < 1e-3
+    with torch.no_grad():
+        for p in tr.actor_run.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = []
+    for scale in (1.0, 2.0):
+        ro2 = dict(ro, is_w=ro["is_w"] * scale)
+        tr.actor.zero_grad(set_to_none=True)
+        loss, _ = tr.actor_run(tr._loss, ro2, [0, 1], float(ro["lengths"].sum()), float(ro["lengths"].numel()))
+        loss.backward()
+        out.append((loss.detach(), grads(tr.actor)))
+    assert_close(out[1][0], 2 * out[0][0], "loss", atol=1e-6, rtol=1e-5)
+    for n in out[0][1]:
+        assert_close(out[1][1][n], 2 * out[0][1][n], f"grad {n}", atol=1e-6, rtol=1e-4)
+    tr.train()
 
 
 def test_grpo_trains_saves_and_resumes(tok, tmp_path):
@@ -110,7 +162,19 @@ def test_grpo_bad_options(tok, tmp_path):
     with pytest.raises(ValueError, match="num_generations"):
         grpo(tok, tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="loss_type"):
+        grpo(tok, tmp_path, loss_type="sapo")
+    with pytest.raises(ValueError, match="epsilon_high: with loss_type 'cispo'"):
         grpo(tok, tmp_path, loss_type="cispo")
+    with pytest.raises(ValueError, match="loss_type: 'cispo' takes neither"):
+        grpo(tok, tmp_path, loss_type="cispo", epsilon_high=5.0, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo(tok, tmp_path, importance_sampling_level="answer")
+    with pytest.raises(ValueError, match=r"delta: expected a number > 1 \+ epsilon_high = 1.28"):
+        grpo(tok, tmp_path, delta=1.2, epsilon_high=0.28)
+    with pytest.raises(ValueError, match="rollout_is: expected one of"):
+        grpo(tok, tmp_path, rollout_is="tis")
+    with pytest.raises(ValueError, match="old_logprobs must be 'recompute' or 'auto'"):
+        grpo(tok, tmp_path, rollout_is="token_mask", old_logprobs="sampler")
     with pytest.raises(ValueError, match="advantage"):
         grpo(tok, tmp_path, advantage="gae")
     with pytest.raises(ValueError, match="reward_model"):

@@ -268,10 +268,23 @@ class GRPOConfig(StageConfig):
     loss_type: str = _f("dapo", "how per-token losses become the loss (TRL's loss_type): 'grpo' (mean over answers "
                                 "of each answer's token mean), 'bnpo' / 'dapo' (mean over the step's tokens; ours "
                                 "always counts every rank's tokens, so the two are one), 'dr_grpo' (token sum / "
-                                "(answers x max_new_tokens))")
+                                "(answers x max_new_tokens)), 'cispo' (CISPO: the ratio capped at epsilon_high as "
+                                "a detached weight of log pi, mean over the step's tokens)")
+    importance_sampling_level: str = _f("token", "'token' or 'sequence' (GSPO: each answer's ratio is the geometric "
+                                                 "mean of its token ratios), as TRL's")
     beta: float = _f(0.0, "weight of the k3 KL to the reference in the loss (0: no reference model is held)")
     epsilon: float = _f(0.2, "lower ratio clip: 1 - epsilon")
-    epsilon_high: float | None = _f(None, "upper ratio clip 1 + epsilon_high (DAPO's clip-higher); empty: epsilon")
+    epsilon_high: float | None = _f(None, "upper ratio clip 1 + epsilon_high (DAPO's clip-higher); empty: epsilon. "
+                                          "With loss_type 'cispo' the cap of the weight itself (TRL's meaning; "
+                                          "ScaleRL recommends 5.0), required there")
+    delta: float | None = _f(None, "two-sided clip (INTELLECT-2, TRL's delta): the ratio of a negative-advantage "
+                                   "token is capped at delta (> 1 + epsilon_high); empty: off")
+    rollout_is: str = _f("none", "importance correction of the sampler's log-probs against the trainer's recomputed "
+                                 "ones (TRL's vllm_importance_sampling_mode): 'none', 'token_truncate', "
+                                 "'token_mask', 'sequence_truncate' or 'sequence_mask'; needs old_logprobs "
+                                 "'recompute' or 'auto'")
+    rollout_is_max: float = _f(3.0, "C_max of rollout_is (truncate: the cap; mask: larger ratios leave the loss)")
+    rollout_is_min: float | None = _f(None, "C_min of rollout_is; empty: no lower bound")
     num_iterations: int = _f(1, "mu: optimisation passes over each rollout (1: on-policy, the ratio is 1)")
     prompts_per_step: int = _f(0, "prompts (groups) per optimizer step, all ranks together (0: the whole "
                                   "iteration in one step); a group is never split")

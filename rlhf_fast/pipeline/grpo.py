@@ -14,7 +14,9 @@ How our options map to TRL's GRPOTrainer: ``num_generations``, ``beta``, ``epsil
 ``num_iterations``, ``scale_rewards`` and ``loss_type`` mean what they mean there, with one difference:
 TRL's "bnpo" normalises by the tokens of one process's batch and "dapo" by the tokens of the global batch;
 ours always takes the global count, so the two are the same loss. RLOO is ``advantage="rloo"`` (TRL's
-RLOOTrainer; verl's and OpenRLHF's ``rloo`` estimator).
+RLOOTrainer; verl's and OpenRLHF's ``rloo`` estimator). ``loss_type="cispo"``, ``importance_sampling_level`` (GSPO),
+``delta`` (two-sided clip = our dual clip) and ``rollout_is*`` (TRL's ``vllm_importance_sampling_*``) are TRL's too;
+for cispo, ``epsilon_high`` is the cap of the weight itself, as in TRL.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from rlhf_fast.pipeline.rl import (
     use_sampler_logprobs,
     without_adapter,
 )
-from rlhf_fast.reference import ADVANTAGE_MODES
+from rlhf_fast.reference import ADVANTAGE_MODES, RATIO_LEVELS, ROLLOUT_IS_MODES
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
+ROLLOUT_IS = ("none", *ROLLOUT_IS_MODES)
 
 
 def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, temperature: float) -> Tensor:
@@ -48,6 +51,31 @@ def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, 
     h, labels, _ = answer_hidden(model, prompts, answers, packing, pad_id, device)
     weight, bias = C.lm_head_params(model)
     return rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=temperature)
+
+
+def check_policy_options(cfg: GRPOConfig) -> None:
+    """The loss options of GRPOConfig, checked before any model is loaded."""
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+    if cfg.importance_sampling_level not in RATIO_LEVELS:
+        raise ValueError(f"importance_sampling_level: expected one of {RATIO_LEVELS}, "
+                         f"got {cfg.importance_sampling_level!r}")
+    if not cfg.epsilon > 0 or (cfg.epsilon_high is not None and not cfg.epsilon_high > 0):
+        raise ValueError(f"epsilon: expected > 0 (epsilon_high too), got {cfg.epsilon}, {cfg.epsilon_high}")
+    if cfg.loss_type == "cispo":
+        if cfg.epsilon_high is None or not cfg.epsilon_high > 1:
+            raise ValueError(f"epsilon_high: with loss_type 'cispo' it is the cap of the importance weight, expected "
+                             f"a number > 1 (ScaleRL: 5.0), got {cfg.epsilon_high}")
+        if cfg.importance_sampling_level != "token" or cfg.delta is not None:
+            raise ValueError("loss_type: 'cispo' takes neither importance_sampling_level 'sequence' nor delta")
+    high = 1.0 + (cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high)
+    if cfg.delta is not None and not cfg.delta > high:
+        raise ValueError(f"delta: expected a number > 1 + epsilon_high = {high}, got {cfg.delta}")
+    if cfg.rollout_is not in ROLLOUT_IS:
+        raise ValueError(f"rollout_is: expected one of {ROLLOUT_IS}, got {cfg.rollout_is!r}")
+    if cfg.rollout_is != "none" and cfg.old_logprobs == "sampler":
+        raise ValueError("rollout_is: corrects the sampler's log-probs against the trainer's, so old_logprobs must "
+                         "be 'recompute' or 'auto', not 'sampler'")
 
 
 def gather_rows(x: Tensor, d: D.Dist) -> Tensor:
@@ -83,16 +111,13 @@ class GRPOTrainer(RolloutTrainer):
         self.device = d.device
         if cfg.advantage not in ADVANTAGE_MODES:
             raise ValueError(f"advantage: expected one of {ADVANTAGE_MODES}, got {cfg.advantage!r}")
-        if cfg.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {cfg.loss_type!r}")
         use_sampler_logprobs(cfg.old_logprobs, "fp32")  # checked before any model is loaded
+        check_policy_options(cfg)
         if cfg.num_generations < 2:
             raise ValueError(f"num_generations: expected >= 2 (a group of one answer has no relative advantage), "
                              f"got {cfg.num_generations}")
         if not cfg.beta >= 0:
             raise ValueError(f"beta: expected >= 0, got {cfg.beta}")
-        if not cfg.epsilon > 0 or (cfg.epsilon_high is not None and not cfg.epsilon_high > 0):
-            raise ValueError(f"epsilon: expected > 0 (epsilon_high too), got {cfg.epsilon}, {cfg.epsilon_high}")
         if cfg.num_iterations < 1:
             raise ValueError(f"num_iterations: expected >= 1, got {cfg.num_iterations}")
         per_step = cfg.prompts_per_step or cfg.prompts_per_iteration
@@ -122,7 +147,8 @@ class GRPOTrainer(RolloutTrainer):
         self.packing = resolve_packing(cfg.packing, self.actor)
         self.optimizer = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=learning_rate(cfg, 1e-6, 2e-5),
                                            weight_decay=0.0)
-        self.sampler_logprobs = use_sampler_logprobs(cfg.old_logprobs, d.precision)
+        # with a rollout correction the ratio's old log-probs are the trainer's own, the sampler's are the weights'
+        self.sampler_logprobs = cfg.rollout_is == "none" and use_sampler_logprobs(cfg.old_logprobs, d.precision)
         self.evaluator, self.progress = evaluator, progress
         self.step_count, self.total_steps = 0, cfg.iterations
 
@@ -149,7 +175,7 @@ class GRPOTrainer(RolloutTrainer):
         order, and the answers' advantages (from every rank's scores); statistics global."""
         cfg, d = self.config, self.dist
         k = cfg.num_generations
-        idx, s = self.generate(iteration, self.sampler_logprobs)
+        idx, s = self.generate(iteration, self.sampler_logprobs or cfg.rollout_is != "none")
         ro = {"prompts": [self.prompt_ids[i] for i in idx],
               "answers": [s.responses[g * k:(g + 1) * k] for g in range(len(idx))]}
         mask = s.response_mask
@@ -158,6 +184,7 @@ class GRPOTrainer(RolloutTrainer):
         ro["offsets"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         ro["old"] = s.logprobs[mask] if self.sampler_logprobs and s.logprobs is not None else \
             self._logprobs(self.actor_run, ro)
+        ro["is_w"], is_stats = self._rollout_weights(ro["old"], s)
         ro["ref"] = None
         if cfg.beta > 0:
             ro["ref"] = self._logprobs(self.ref_run, ro) if self.ref_run is not None else \
@@ -172,8 +199,24 @@ class GRPOTrainer(RolloutTrainer):
         ro["stats"] = {"reward": float(scores.mean()), "reward_std": float(scores.std(1).mean()),
                        "frac_reward_zero_std": float((scores.max(1).values == scores.min(1).values).float().mean()),
                        "answer_len": n_tok / scores.numel(),
-                       "clipped_ratio": 1.0 - d.sum(stopped.sum())[0] / scores.numel()}
+                       "clipped_ratio": 1.0 - d.sum(stopped.sum())[0] / scores.numel(), **is_stats}
         return ro
+
+    def _rollout_weights(self, old: Tensor, s) -> tuple[Tensor | None, dict]:
+        """(per-token rollout importance weights in answer order, or None without rollout_is; their statistics
+        over every rank's tokens)."""
+        cfg = self.config
+        if cfg.rollout_is == "none":
+            return None, {}
+        mask = s.response_mask
+        old_pad = torch.zeros(mask.shape, device=old.device).masked_scatter(mask, old)
+        w, st = rlhf_fast.rollout_importance_weights(old_pad, s.logprobs.to(old.device), mask, mode=cfg.rollout_is,
+                                                     clip_max=cfg.rollout_is_max, clip_min=cfg.rollout_is_min)
+        n = mask.sum()
+        sums = self.dist.sum(*(st[k] * n for k in ("weight_mean", "clipped_frac", "log_diff_mean")), n)
+        total = max(1.0, sums[-1])
+        return w[mask], {"rollout_is_weight": sums[0] / total, "rollout_is_clipped_frac": sums[1] / total,
+                         "rollout_is_log_diff": sums[2] / total}
 
     # -- update ----------------------------------------------------------------------------
     def _rows(self, groups: list[int]) -> list[int]:
@@ -188,6 +231,8 @@ class GRPOTrainer(RolloutTrainer):
         off, lengths = ro["offsets"], ro["lengths"][rows]
         tok = torch.cat([torch.arange(int(off[r]), int(off[r + 1]), device=self.device) for r in rows])
         adv = ro["adv"][rows].repeat_interleave(lengths)
+        if ro["is_w"] is not None:  # every policy loss is positively homogeneous in A: this weights its policy term
+            adv = adv * ro["is_w"][tok]
         if cfg.loss_type == "grpo":        # each answer's token mean, averaged over the step's answers
             w = (1.0 / (lengths.float() * n_seq)).repeat_interleave(lengths)
         elif cfg.loss_type == "dr_grpo":   # token sum / (answers x generation budget)
@@ -195,11 +240,36 @@ class GRPOTrainer(RolloutTrainer):
         else:                              # bnpo / dapo: the step's token mean
             w = torch.full_like(adv, 1.0 / n_tok)
         weight, bias = C.lm_head_params(model)
-        ref = None if ro["ref"] is None else ro["ref"][tok][None]
+        ref = None if ro["ref"] is None else ro["ref"][tok]
+        if cfg.loss_type == "cispo" or cfg.importance_sampling_level == "sequence":
+            return self._logprob_loss(h, weight, bias, labels, ro["old"][tok], adv, w, ref, lengths)
         return rlhf_fast.linear_ppo_loss(
-            h[None], weight, labels[None], ro["old"][tok][None], adv[None], w[None], ref_logprobs=ref,
-            kl_coef=cfg.beta, kl_estimator="k3", clip_eps=cfg.epsilon, clip_eps_high=cfg.epsilon_high,
-            num_items=1.0, temperature=cfg.temperature, bias=bias)
+            h[None], weight, labels[None], ro["old"][tok][None], adv[None], w[None],
+            ref_logprobs=None if ref is None else ref[None], kl_coef=cfg.beta, kl_estimator="k3",
+            clip_eps=cfg.epsilon, clip_eps_high=cfg.epsilon_high, dual_clip=cfg.delta, num_items=1.0,
+            temperature=cfg.temperature, bias=bias)
+
+    def _logprob_loss(self, h, weight, bias, labels, old, adv, w, ref, lengths):
+        """CISPO and GSPO: their per-token gradient is not the fused head's (CISPO's weight multiplies log pi; GSPO's
+        ratio is a mean over the answer), so the log-probs come first (:func:`rlhf_fast.linear_logprobs`, no logits
+        held either) and :func:`rlhf_fast.ppo_policy_loss` takes them answer by answer: one more lm_head GEMM in the
+        backward than the fused head."""
+        cfg = self.config
+        lp, entropy = rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=cfg.temperature,
+                                                return_entropy=True)
+        pos = torch.arange(int(lengths.max()), device=lp.device)[None] < lengths[:, None]
+        rows = lambda x: torch.zeros(pos.shape, dtype=x.dtype, device=x.device).masked_scatter(pos, x)
+        cispo = cfg.loss_type == "cispo"
+        loss, stats = rlhf_fast.ppo_policy_loss(
+            rows(lp), rows(old), rows(adv), rows(w), clip_eps=cfg.epsilon,
+            clip_eps_high=cfg.epsilon_high - 1.0 if cispo else cfg.epsilon_high, dual_clip=cfg.delta,
+            num_items=1, objective="cispo" if cispo else "clip", ratio_level=cfg.importance_sampling_level)
+        stats = dict(stats, entropy=entropy.detach().mean(), kl=torch.zeros(()))
+        if ref is not None and cfg.beta > 0:
+            kl = rlhf_fast.kl_penalty(lp, ref, estimator="k3")
+            loss = loss + cfg.beta * (kl * w).sum()
+            stats["kl"] = kl.detach().mean()
+        return loss, stats
 
     def update(self, ro: dict, groups: list[int]) -> dict:
         """One optimizer step on this rank's `groups` of the rollout, in ``grad_accum`` micro-batches of whole

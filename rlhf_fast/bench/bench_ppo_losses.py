@@ -10,6 +10,8 @@ Ops (the first word of a case's name):
           loss = policy + 0.5 * value + 0.1 * sum(kl * m) / sum(m)  (the KL aggregation is plain
           PyTorch in every provider)
   policy  ppo_policy_loss (clip-higher and dual clip on), loss and its six statistics
+  cispo   ppo_policy_loss with objective="cispo" (weight cap 5), loss and statistics
+  gspo    ppo_policy_loss with ratio_level="sequence" (GSPO), loss and statistics
   value   value_loss, loss and its two statistics
   kl      kl_penalty (k3), upstream gradient a fixed random (B, T) tensor
 Sweep: tokens per row (T) at B = 64 fp32, every op together.
@@ -36,7 +38,11 @@ from rlhf_fast.reference import (
 
 OP = "ppo_policy_loss"  # the op whose backend choice a provider reports ("value" and "kl" cases: their own)
 OPS = ("all", "policy", "value", "kl")
-CASE_OP = {"all": "ppo_policy_loss", "policy": "ppo_policy_loss", "value": "value_loss", "kl": "kl_penalty"}
+POLICY_VARIANTS = {"policy": dict(clip_eps_high=0.28, dual_clip=3.0),
+                   "cispo": dict(clip_eps_high=4.0, objective="cispo"),
+                   "gspo": dict(clip_eps_high=0.28, ratio_level="sequence")}
+CASE_OP = {"all": "ppo_policy_loss", "policy": "ppo_policy_loss", "cispo": "ppo_policy_loss",
+           "gspo": "ppo_policy_loss", "value": "value_loss", "kl": "kl_penalty"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class Case:
         return f"{self.op} ({self.n}, {self.length}) {str(self.dtype).replace('torch.', '')}"
 
 
-CASES = [Case(op, 64, 2048, torch.float32) for op in OPS] + [
+CASES = [Case(op, 64, 2048, torch.float32) for op in (*OPS, "cispo", "gspo")] + [
     Case("all", 64, 2048, torch.bfloat16),
     Case("all", 256, 4096, torch.bfloat16),
 ]
@@ -76,8 +82,8 @@ def sweep(case: Case) -> list[tuple[str, str, int]]:
 def cost(case: Case) -> list[tuple[str, dict]]:
     """(op, shape) pairs of the analytic cost model, summed by the runner."""
     shape = dict(tokens=case.n * case.length, dtype=dtype_name(case.dtype))
-    ops = {"all": ("ppo_policy_loss", "value_loss", "kl_penalty"), "policy": ("ppo_policy_loss",),
-           "value": ("value_loss",), "kl": ("kl_penalty",)}[case.op]
+    ops = {"all": ("ppo_policy_loss", "value_loss", "kl_penalty"), "value": ("value_loss",),
+           "kl": ("kl_penalty",)}.get(case.op, ("ppo_policy_loss",))
     return [(op, shape) for op in ops]
 
 
@@ -113,8 +119,9 @@ def _step(op: str, impls, t: dict, x: torch.Tensor, v: torch.Tensor):
     """(scalar loss, vector of the loss and statistics) of one case's computation."""
     kl_fn, policy_fn, value_fn = impls
     parts, loss = [], 0.0
-    if op in ("all", "policy"):
-        pl, ps = policy_fn(x, t["old_logprobs"], t["advantages"], t["mask"], clip_eps_high=0.28, dual_clip=3.0)
+    if op in ("all", *POLICY_VARIANTS):
+        options = POLICY_VARIANTS.get(op, POLICY_VARIANTS["policy"])
+        pl, ps = policy_fn(x, t["old_logprobs"], t["advantages"], t["mask"], **options)
         loss = loss + pl
         parts += [pl.detach().reshape(1), torch.stack([ps[k] for k in PPO_POLICY_STATS])]
     if op in ("all", "value"):

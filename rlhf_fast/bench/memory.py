@@ -1,10 +1,19 @@
 """Peak transient memory of one benchmark case, measured in a fresh process.
 
-CPU: the process builds the case's inputs, runs it once to warm up (allocator, torch.compile), frees
-what it can (gc, rlhf_fast.release_cpu_buffers, malloc_trim), resets the kernel's peak-RSS counter
-(/proc/self/clear_refs = 5), runs the case once more and reports VmHWM - VmRSS(before) - the bytes
-of the gradients the case must return (every method fills the same gradient buffers). GPU:
-torch.cuda peak allocated, same rule.
+CPU: the process builds the case's inputs and reports three figures, each above the RSS it had before and
+less the bytes of the gradients the case must return (every method fills the same gradient buffers):
+
+- first_peak_bytes: the peak of the first call (allocator growth, torch.compile, oneDNN's JIT and primitive
+  cache, lazily created scratch: what a user's first step pays);
+- retained_bytes: what the first call leaves resident once its outputs and gradients are dropped and what
+  can be freed is (gc, rlhf_fast.release_cpu_buffers, malloc_trim);
+- peak_bytes: the steady state, a second call's peak (the kernel's peak-RSS counter reset with
+  /proc/self/clear_refs = 5 before it).
+
+The probe process has imported torch._dynamo before the first call (the bench harness does), so a figure
+is the op's own: the first call of any torch.library custom op in a bare process also imports
+torch._dynamo (and triton, when installed), ~140 MB once per process, whoever's op it is. GPU: torch.cuda
+peak allocated, same rule, steady state only.
 
     python -m rlhf_fast.bench.memory <suite> <provider> <case index> <mode> [device] [quick]   # prints one JSON line
 """
@@ -51,22 +60,38 @@ def probe(suite: str, provider: str, case_index: int, mode: str, device: str, qu
     except Skip as why:
         return {"skipped": str(why)}
     timed = mode_fn(w, mode)
+    grad_bytes = module.grad_bytes(case, mode) if hasattr(module, "grad_bytes") else 0
+    first = {}
+    if device != "cuda":
+        import torch._dynamo  # noqa: F401  (what any custom op's first call imports: not the op's own memory)
+
+        _trim()
+        _reset_peak()
+        start = _status_kb("VmRSS") * 1024
     timed.once()  # warm-up: compile, allocator, first-touch of the inputs
+    if device != "cuda":
+        first["first_peak_bytes"] = max(0, _status_kb("VmHWM") * 1024 - start - grad_bytes)
     for t in timed.grad_to_none:
         t.grad = None
+    _trim()
+    if device != "cuda":
+        first["retained_bytes"] = max(0, _status_kb("VmRSS") * 1024 - start)
     if timed.setup is not None:
         timed.setup()  # bwd: the forward graph exists before the measurement, as in the timing
-    _trim()
-    grad_bytes = module.grad_bytes(case, mode) if hasattr(module, "grad_bytes") else 0
+        _trim()
     if device == "cuda":
         return {"backend": w.backend, "peak_bytes": max(0, cuda_peak_above(timed.fn) - grad_bytes)}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    _reset_peak()
     base = _status_kb("VmRSS") * 1024
     out = timed.fn()
     peak = _status_kb("VmHWM") * 1024
     del out
-    return {"backend": w.backend, "peak_bytes": max(0, peak - base - grad_bytes)}
+    return {"backend": w.backend, "peak_bytes": max(0, peak - base - grad_bytes), **first}
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
 
 
 def measure(suite: str, provider: str, case_index: int, mode: str, device: str, quick: bool = False,

@@ -206,6 +206,9 @@ def run_suite(name: str, module, device: str, quick: bool = False, memory: bool 
                     got = measure(name, provider, index, mode, device, quick)
                     if "peak_bytes" in got:
                         row.peak_MB = round(got["peak_bytes"] / 2**20, 1)
+                        for key in ("first_peak", "retained"):
+                            if f"{key}_bytes" in got:
+                                row.extra[f"{key}_MB"] = round(got[f"{key}_bytes"] / 2**20, 1)
                     else:
                         row.extra["memory_error"] = got.get("error", "unknown")
                 rows.append(row)
@@ -254,6 +257,13 @@ def _num(v: float, digits: int = 2) -> str:
     return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.0f}"
 
 
+def _memory_cell(row: Row, first: bool) -> str:
+    if not first:
+        return _num(row.peak_MB, 0)
+    return " / ".join(_num(v, 0) for v in (row.peak_MB, row.extra.get("first_peak_MB", math.nan),
+                                           row.extra.get("retained_MB", math.nan)))
+
+
 def markdown(rows: list[Row], env: dict, reps: int, modes=None, case_names=None) -> str:
     """One line per (case, mode): each provider's median ms, rlhf_fast's speed-up over each baseline, its
     GB/s (% of the memory floor) or TFLOP/s, and peak memory per provider when measured."""
@@ -272,7 +282,9 @@ def markdown(rows: list[Row], env: dict, reps: int, modes=None, case_names=None)
     head = ["case", "mode"] + [f"{p} ms" for p in provs]
     head += [f"{o} vs {b}" for o in ours for b in baselines]
     head += [f"{o} {rate}" for o in ours] + ([f"{o} % floor" for o in ours] if rate == "GB/s" else [])
-    head += [f"{p} MB" for p in provs if p != "floor"] if has_mem else []
+    first = has_mem and any("first_peak_MB" in r.extra for r in ok)
+    mem_head = "MB steady / first / kept" if first else "MB"
+    head += [f"{p} {mem_head}" for p in provs if p != "floor"] if has_mem else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (case, mode), got in by.items():
         cells = [case, mode] + [_num(got[p].median_ms) if p in got else "" for p in provs]
@@ -283,7 +295,7 @@ def markdown(rows: list[Row], env: dict, reps: int, modes=None, case_names=None)
         if rate == "GB/s":
             cells += [_num(got[o].extra.get("floor_%", math.nan), 0) if o in got else "" for o in ours]
         if has_mem:
-            cells += [_num(got[p].peak_MB, 0) if p in got else "" for p in provs if p != "floor"]
+            cells += [_memory_cell(got[p], first) if p in got else "" for p in provs if p != "floor"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     note = (f"{env['device']}; torch {env['torch']}, triton {env['triton']}, CPU kernels {env['cpu_capability']}; "
@@ -299,7 +311,9 @@ def markdown(rows: list[Row], env: dict, reps: int, modes=None, case_names=None)
     if has_mem:
         note += (" MB: peak memory above the inputs and the gradients every method returns ("
                  + ("GPU: torch peak allocated" if env.get("device_type") == "cuda" else "fresh process, peak RSS")
-                 + ").")
+                 + ")" + ("; steady: a second call's peak, first: the first call's, kept: what the first call "
+                          "leaves resident once its outputs are freed (rlhf_fast.bench.memory)" if first else "")
+                 + ".")
     skipped = sorted({f"{r.provider} ({r.status})" for r in rows if r.status.startswith("skipped")})
     wrong = sorted({f"{r.provider} on {r.case}: {r.status}" for r in rows
                     if r.status != "ok" and not r.status.startswith("skipped")})

@@ -2,8 +2,9 @@
 process, gradient accumulation, FSDP2 sharded checkpoints and the gathered export, LoRA.
 
 Two torchrun launches (module fixtures) run this file as a worker script: ``ddp`` (SFT, RM with
-grad_accum=2, PPO, a LoRA PPO iteration and the CLI) and ``fsdp (SFT with grad_accum=2 and activation checkpointing, a
-killed-and-resumed SFT run, RM, PPO). The tests compare what the ranks wrote with world-size-1 runs of the
+grad_accum=2, PPO, a LoRA PPO iteration, DPO and GRPO with grad_accum=2, the CLI) and ``fsdp`` (SFT with grad_accum=2
+and activation checkpointing, a killed-and-resumed SFT run, RM, PPO, DPO with grad_accum=2, GRPO with GSPO's ratio).
+The tests compare what the ranks wrote with world-size-1 runs of the
 same global batches in the pytest process.
 
 Tolerances (fp32): world size 2 and world size 1 differ only in summation order (each rank sums its share
@@ -257,6 +258,18 @@ def test_fsdp_grad_accum_and_checkpointing_equal_world_size_1(fsdp_run, single):
     assert p_sft <= PARAM_ATOL and p_rm <= PARAM_ATOL
 
 
+def test_dpo_fsdp_equals_world_size_1_and_grpo_runs(fsdp_run, single):
+    """FSDP2 (2 ranks x 2 micro-batches, the packed [prompt, chosen, rejected] forward through the sharded
+    model): DPO's curve and weights are one process's; GRPO (GSPO's ratio, the log-prob path) trains and exports."""
+    d = assert_curve(losses(fsdp_run / "dpo"), single["dpo_loss"], DPO_STEPS)
+    p = max_param_diff(fsdp_run / "dpo_params.safetensors", single["dpo_params"])
+    print(f"fsdp vs world size 1 (DPO): loss {d:.2e}, params {p:.2e}")
+    assert p <= PARAM_ATOL
+    rows = C.read_metrics(fsdp_run / "grpo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (fsdp_run / "grpo" / "model" / "model.safetensors").exists()
+
+
 def test_fsdp_sharded_checkpoint_resume_and_export(fsdp_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -465,6 +478,10 @@ def worker(mode: str, out: Path) -> None:
         tr = run_rm(out / "rm", base, distributed="fsdp")
         dump_params(tr.model, tr.dist, out / "rm_params.safetensors")
         _ppo_rollout_dump(make_ppo(out / "ppo", base, distributed="fsdp"), out)
+        tr = run_dpo(out / "dpo", base, distributed="fsdp", grad_accum=2)
+        dump_params(tr.model, tr.dist, out / "dpo_params.safetensors")
+        run_grpo(out / "grpo", base, distributed="fsdp", grad_accum=2, scale_rewards="batch",
+                 importance_sampling_level="sequence")
     elif mode == "fsdp1":  # no torchrun: a one-process FSDP group resumes the 2-rank shards of step 2
         tok = build_tokenizer()
         cfg = SFTConfig(output_dir=str(out / "sft_w1"), batch_size=8, epochs=1, lr=1e-2, warmup_steps=1,

@@ -13,7 +13,13 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from rlhf_fast.pipeline.data import DataError, load_prompts, load_ptx, load_ranked, load_sft  # noqa: E402
-from rlhf_fast.pipeline.formats import Rows, load_examples, merge_preference_pairs, parse_columns  # noqa: E402
+from rlhf_fast.pipeline.formats import (  # noqa: E402
+    IndexedRows,
+    Rows,
+    load_examples,
+    merge_preference_pairs,
+    parse_columns,
+)
 
 
 def U(text):
@@ -569,3 +575,73 @@ def test_merge_says_exactly_what_the_pairs_imply_on_random_pair_sets():
             covered.extend(mine)
         assert sorted(set(covered)) == sorted(set(edges)), (edges, out)            # no pair lost
     assert merged_some > 50 and kept_some > 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows read on demand (lazy=True): data larger than memory
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["jsonl", "dataset", "dataset_dict", "parquet", "csv", "save_to_disk", "arrow",
+                                  "folder"])
+@pytest.mark.parametrize("case", ["pc_plain", "pref_conv", "lm_conv", "ranked_plain"])
+def test_lazy_rows_equal_the_list_from_every_source(tmp_path, kind, case):
+    if kind == "csv" and (case.endswith("_conv") or case.startswith("ranked")):
+        pytest.skip("CSV holds plain strings only")
+    row, expected = CASES[case]
+    rows = [row, copy.deepcopy(row), copy.deepcopy(row)]
+    source, where = write_source(kind, tmp_path, rows)
+    for stage in expected:
+        eager = load_examples(source, stage=stage)
+        lazy = load_examples(source, stage=stage, lazy=True)
+        assert isinstance(lazy, IndexedRows) and len(lazy) == 3
+        assert [lazy[i] for i in range(3)] == eager and lazy[-1] == eager[-1]
+        view = lazy[1:]
+        assert len(view) == 2 and view[0] == eager[1] and view[1]["_where"] == where(2)
+        assert len(lazy[:0]) == 0 and list(lazy[1:2]) == eager[1:2]
+        with pytest.raises(IndexError):
+            lazy[3]
+
+
+def test_lazy_rows_are_checked_at_load_and_name_the_row(tmp_path):
+    good = {"prompt": "p", "completion": " c"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n\n" + json.dumps({"prompt": "p", "completion": ""}) + "\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(bad))}:3: field 'completion' is empty"):
+        load_examples(bad, stage="sft", lazy=True)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(json.dumps(good).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"{re.escape(str(broken))}:2: not UTF-8 text"):
+        load_examples(broken, stage="sft", lazy=True)
+    rows = [good, good]
+    assert load_examples(rows, stage="sft", lazy=True) == load_examples(rows, stage="sft")  # in memory already
+    arr = tmp_path / "arr.json"
+    arr.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="lazy: .* has no random access"):
+        load_examples(arr, stage="sft", lazy=True)
+    with pytest.raises(ValueError, match="lazy: random access .* and a stream"):
+        load_examples(bad, stage="sft", lazy=True, streaming=True)
+    with pytest.raises(ValueError, match="merge_pairs: merging needs every row at once"):
+        load_examples(bad, stage="rm", lazy=True, merge_pairs=True)
+
+
+def test_lazy_rows_hold_no_row(tmp_path):
+    """20000 rows of ~300 bytes: the list holds them (~14 MB of Python objects), the lazy rows hold two
+    int64 per row for a JSONL file and nothing for Arrow data."""
+    import tracemalloc
+
+    import datasets
+
+    rows = [{"prompt": f"question {i} " + "word " * 20, "completion": f" answer {i} " + "text " * 30}
+            for i in range(20000)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "big"))
+    held = {}
+    for name, source, lazy in (("list", path, False), ("jsonl", path, True), ("arrow", tmp_path / "big", True)):
+        tracemalloc.start()
+        got = load_examples(source, stage="sft", lazy=lazy)
+        held[name] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert len(got) == 20000 and got[12345]["prompt"] == rows[12345]["prompt"]
+        del got
+    assert held["list"] > 10e6 and held["jsonl"] < 0.4e6 and held["arrow"] < 0.1e6, held

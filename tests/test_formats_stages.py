@@ -63,3 +63,37 @@ def test_rm_merges_consistent_pairs_from_its_config(tmp_path, base):
                        merge_pairs=merge, output_dir=str(tmp_path / f"rm{merge}"))
         tr = RewardTrainer(cfg, progress=False)
         assert sorted(len(answers) for _, answers, _ in tr.train_rows) == want
+
+
+def test_sft_and_grpo_read_their_data_on_demand(tmp_path, base):
+    """--data.lazy: SFT indexes rows read from the JSONL file at their offsets (and the held-out split is a view)
+    and trains exactly as with the rows in memory; GRPO draws prompts from a memory-mapped Arrow folder."""
+    import datasets
+    import torch
+
+    from rlhf_fast.pipeline.config import GRPOConfig
+    from rlhf_fast.pipeline.formats import IndexedRows
+    from rlhf_fast.pipeline.grpo import GRPOTrainer
+
+    rows = [{"prompt": f"Name a colour, {i}.", "completion": f" colour {i}"} for i in range(12)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weights = {}
+    for lazy in (False, True):
+        tr = SFTTrainer(SFTConfig(model=base, data=str(data), batch_size=4, max_steps=2, eval_fraction=0.25,
+                                  max_response_len=16, output_dir=str(tmp_path / f"sft{lazy}"), device="cpu", seed=0,
+                                  data_lazy=lazy), progress=False)
+        assert isinstance(tr.train_data, IndexedRows) == lazy and len(tr.train_data) == 9
+        res = tr.train()
+        weights[lazy] = (res["eval_loss"], {k: v.clone() for k, v in tr.model.state_dict().items()})
+    assert weights[True][0] == weights[False][0]
+    for k, v in weights[False][1].items():
+        assert torch.equal(v, weights[True][1][k]), k
+
+    datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]).save_to_disk(str(tmp_path / "prompts"))
+    tr = GRPOTrainer(GRPOConfig(model=base, prompts=str(tmp_path / "prompts"), data_lazy=True, iterations=1,
+                                prompts_per_iteration=2, num_generations=2, max_new_tokens=4, device="cpu",
+                                output_dir=str(tmp_path / "grpo")), rules=[lambda p, r: float(len(r.split()))],
+                     progress=False)
+    assert isinstance(tr.prompts, IndexedRows) and len(tr.prompt_ids) == 12
+    assert tr.train()["iterations"] == 1

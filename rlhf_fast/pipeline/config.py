@@ -68,12 +68,15 @@ class StageConfig(ScaleOut):
     data_subset: str | None = _f(None, "config name (subset) of a hub data set", cli="data.subset")
     data_columns: str | None = _f(None, "column remapping, e.g. 'prompt=question,completion=answer'",
                                   cli="data.columns")
+    data_lazy: bool = _f(False, "read rows on demand instead of holding them (data larger than memory: a JSONL "
+                                "file by byte offset, Arrow data memory-mapped; every row is checked once at load)",
+                         cli="data.lazy")
 
 
 def data_options(config) -> dict:
     """The data-source options of a stage config, as the loaders' keyword arguments."""
     return {"format": config.data_format, "split": config.data_split, "subset": config.data_subset,
-            "columns": config.data_columns}
+            "columns": config.data_columns, "lazy": config.data_lazy}
 
 
 def learning_rate(config, full: float, lora: float) -> float:

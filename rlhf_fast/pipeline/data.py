@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rlhf_fast.pipeline.formats import Rows, load_examples
+from rlhf_fast.pipeline.formats import IndexedRows, Rows, load_examples
 from rlhf_fast.pipeline.jsonl import DataError, iter_jsonl, read_jsonl  # noqa: F401  (re-exported)
 
 IGNORE = -100
@@ -28,7 +28,7 @@ IGNORE = -100
 # The stage loaders read every format of rlhf_fast.pipeline.formats (TRL's standard formats, plain or
 # conversational, from JSONL / Parquet / CSV / Arrow / save_to_disk folders / hub ids / datasets objects /
 # lists) and return its canonical rows. Keyword options: format, split, subset, columns (the config fields
-# data_format, data_split, data_subset, data_columns), streaming.
+# data_format, data_split, data_subset, data_columns, data_lazy), streaming.
 
 def _with_legacy_response(rows, legacy_response: bool):
     """Plain prompt-completion rows also carry the completion as "response" (the key the SFT and ptx code
@@ -45,37 +45,40 @@ def _with_legacy_response(rows, legacy_response: bool):
     if isinstance(rows, Rows):
         inner = rows
         return Rows(lambda: (add(r) for r in inner), inner.where)
+    if isinstance(rows, IndexedRows):
+        inner = rows
+        return IndexedRows(len(inner), lambda i: add(inner[i]), inner.where)
     return [add(r) for r in rows]
 
 
-def load_sft(path, *, format=None, split=None, subset=None, columns=None, streaming=False,
+def load_sft(path, *, format=None, split=None, subset=None, columns=None, streaming=False, lazy=False,
              legacy_response=True):
     """SFT rows: language modeling ({"text"} / {"messages"}) or prompt-completion ({"prompt", "completion"})."""
     rows = load_examples(path, stage="sft", format=format, split=split, subset=subset, columns=columns,
-                         streaming=streaming)
+                         streaming=streaming, lazy=lazy)
     return _with_legacy_response(rows, legacy_response)
 
 
-def load_prompts(path, *, format=None, split=None, subset=None, columns=None, streaming=False):
+def load_prompts(path, *, format=None, split=None, subset=None, columns=None, streaming=False, lazy=False):
     """PPO prompts ({"prompt"}): prompt-only data, or the prompt of any other format."""
     return load_examples(path, stage="ppo", format=format, split=split, subset=subset, columns=columns,
-                         streaming=streaming)
+                         streaming=streaming, lazy=lazy)
 
 
-def load_ranked(path, *, format=None, split=None, subset=None, columns=None, merge_pairs=False):
+def load_ranked(path, *, format=None, split=None, subset=None, columns=None, merge_pairs=False, lazy=False):
     """Reward-model rows {"prompt", "responses", "ranking", "margin"}: ranked data (K >= 2, ties allowed,
     ``ranking[i]`` the rank of ``responses[i]``, 0 = best) or preference pairs (K = 2; ``merge_pairs=True``
     merges consistent pairs of a prompt into one ranking)."""
     return load_examples(path, stage="rm", format=format, split=split, subset=subset, columns=columns,
-                         merge_pairs=merge_pairs)
+                         merge_pairs=merge_pairs, lazy=lazy)
 
 
-def load_ptx(path, *, format=None, split=None, subset=None, columns=None, streaming=False,
+def load_ptx(path, *, format=None, split=None, subset=None, columns=None, streaming=False, lazy=False,
              legacy_response=True):
     """ptx rows: {"text"} / {"messages"} (every token / every assistant token counts) or
     {"prompt", "completion"} (the completion's tokens count)."""
     rows = load_examples(path, stage="ptx", format=format, split=split, subset=subset, columns=columns,
-                         streaming=streaming)
+                         streaming=streaming, lazy=lazy)
     return _with_legacy_response(rows, legacy_response)
 
 

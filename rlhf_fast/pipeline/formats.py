@@ -9,6 +9,8 @@ Sources (:func:`load_examples`)
   * a hub id (``datasets.load_dataset(id, name=subset, split=split)``), when a hub is reachable;
   * a ``datasets.Dataset`` / ``DatasetDict`` / ``IterableDataset``, or a list of dicts.
   ``split`` picks a split (default: "train", or the only one); ``subset`` is the dataset's config name.
+  ``streaming=True`` reads a re-iterable stream (:class:`Rows`); ``lazy=True`` a random-access sequence that
+  holds no row (:class:`IndexedRows`: JSONL by byte offset, Arrow memory-mapped), for data larger than memory.
   ``columns`` maps our names to the source's, e.g. ``{"prompt": "question", "completion": "answer"}``
   (CLI form ``"prompt=question,completion=answer"``, :func:`parse_columns`). Other columns are ignored.
 
@@ -75,10 +77,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from rlhf_fast.pipeline.jsonl import DataError, iter_jsonl
+from rlhf_fast.pipeline.jsonl import DataError, iter_jsonl, iter_jsonl_at
 
 STAGES = ("sft", "rm", "ppo", "ptx")
 FORMATS = ("language_modeling", "prompt_only", "prompt_completion", "preference", "ranked")
@@ -118,6 +121,36 @@ class Rows:
 
     def __repr__(self) -> str:
         return f"Rows({self.where})"
+
+
+class IndexedRows(Sequence):
+    """Canonical rows read on demand: ``len``, ``rows[i]`` (the row converted when it is read) and ``rows[a:b]``
+    (a view of a range), holding no row in memory; what :func:`load_examples` returns with ``lazy=True``. Rows
+    come from memory-mapped Arrow data (``datasets``) or a JSONL file read at a byte offset, so a trainer that
+    indexes its data (SFT, the RL stages' prompts) works on data larger than memory."""
+
+    def __init__(self, n: int, get: Callable[[int], dict], where: str, start: int = 0):
+        self._n, self._get, self.where, self._start = n, get, where, start
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            if step != 1:
+                raise ValueError(f"rows: a view takes a step of 1, got {step}")
+            return IndexedRows(max(0, stop - start), self._get, self.where, self._start + start)
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"rows: expected an int index or a slice, got {type(i).__name__}")
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"rows: index {i} out of range for {self._n} rows")
+        return self._get(self._start + i)
+
+    def __repr__(self) -> str:
+        return f"IndexedRows({self.where}, {self._n} rows)"
 
 
 def parse_columns(spec: str | dict | None) -> dict[str, str]:
@@ -185,7 +218,24 @@ def _dataset_source(ds, label: str | None, split: str | None):
         for i, row in enumerate(ds):
             yield f"{prefix}[{i}]", row
 
+    if isinstance(ds, datasets.Dataset):  # memory-mapped Arrow: random access without loading it
+        rows.index = lambda: (len(ds), lambda i: (f"{prefix}[{i}]", ds[i]))
     return prefix, cols, rows
+
+
+def _jsonl_index(p: Path):
+    """(rows, get) of a JSONL file: one pass that checks every line and keeps each object's byte offset and
+    line number (16 bytes a row); get(i) reads row i back from its offset."""
+    offsets, lines = array("q"), array("q")
+    for _, _, offset, lineno in iter_jsonl_at(p):
+        offsets.append(offset)
+        lines.append(lineno)
+
+    def get(i: int):
+        with p.open("rb") as fh:
+            fh.seek(offsets[i])
+            return f"{p}:{lines[i]}", json.loads(fh.readline())
+    return len(offsets), get
 
 
 def _json_array_source(p: Path):
@@ -226,11 +276,14 @@ def _open(source, split, subset, streaming):
             if suffix in _JSON_SUFFIXES:
                 if split not in (None, "train"):
                     raise ValueError(f"split: a JSON file has one split ('train'), got {split!r}")
-                with p.open(encoding="utf-8") as fh:
+                with p.open(encoding="utf-8", errors="replace") as fh:  # a sniff: bad bytes are the reader's to name
                     head = fh.read(4096).lstrip()
                 if suffix == ".json" and head.startswith("["):
                     return str(p), None, _json_array_source(p)
-                return str(p), None, lambda: iter_jsonl(p)
+                def jsonl_rows():
+                    return iter_jsonl(p)
+                jsonl_rows.index = lambda: _jsonl_index(p)
+                return str(p), None, jsonl_rows
             if suffix in _DATA_SUFFIXES:
                 import datasets
 
@@ -660,7 +713,7 @@ def merge_preference_pairs(rows: list[dict], is_pair: list[bool]) -> list[dict]:
 
 def load_examples(source, *, stage: str, format: str | None = None, split: str | None = None,
                   subset: str | None = None, columns: dict | str | None = None, streaming: bool = False,
-                  merge_pairs: bool = False) -> list[dict] | Rows:
+                  merge_pairs: bool = False, lazy: bool = False) -> list[dict] | Rows | IndexedRows:
     """Canonical rows of `stage` ("sft" | "rm" | "ppo" | "ptx") from `source` (see the module docstring:
     sources, formats, the rows returned, the rules and how pairs merge).
 
@@ -668,7 +721,11 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
     source; ``columns`` maps our column names to the source's (a dict or ``"prompt=question,..."``);
     ``streaming=True`` returns a re-iterable :class:`Rows` read lazily (files through
     ``datasets.load_dataset(..., streaming=True)``, Arrow data memory-mapped) instead of a list;
-    ``merge_pairs=True`` (rm only) merges preference pairs that share a prompt into rankings.
+    ``merge_pairs=True`` (rm only) merges preference pairs that share a prompt into rankings;
+    ``lazy=True`` returns an :class:`IndexedRows` (``len``, random access, views) that holds no row: a JSONL
+    file is read at each row's byte offset, Arrow data (Parquet / CSV / Arrow files, ``save_to_disk`` folders,
+    a ``datasets.Dataset``) stays memory-mapped; every row is read and checked once at load. For data larger
+    than memory; a list of rows (already in memory) is returned as a list.
     Bad data raises :class:`DataError` naming the source, the row and the field.
     """
     if stage not in STAGES:
@@ -677,8 +734,11 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
     colmap = parse_columns(columns)
     if merge_pairs and stage != "rm":
         raise ValueError(f"merge_pairs: only the rm stage merges preference pairs, got stage {stage!r}")
-    if merge_pairs and streaming:
-        raise ValueError("merge_pairs: merging needs every row at once, so it cannot stream; got streaming=True")
+    if merge_pairs and (streaming or lazy):
+        raise ValueError("merge_pairs: merging needs every row at once, so it cannot stream or read lazily; got "
+                         f"streaming={streaming}, lazy={lazy}")
+    if streaming and lazy:
+        raise ValueError("lazy: random access (lazy=True) and a stream (streaming=True) exclude each other")
     label, cols, factory = _open(source, split, subset, streaming)
 
     def setup(first_where: str, first_row: dict | None):
@@ -724,6 +784,17 @@ def load_examples(source, *, stage: str, format: str | None = None, split: str |
 
     if streaming:
         return Rows(lambda: (row for row, _ in stream()), label)
+    if lazy and not isinstance(source, list | tuple):
+        index = getattr(factory, "index", None)
+        if index is None:
+            raise ValueError(f"lazy: {label} has no random access (a JSON array or an iterable dataset); read it "
+                             "with streaming=True, or as a list")
+        for _ in stream():                      # every row checked once, none kept
+            pass
+        n, get = index()
+        where0, raw0 = get(0)
+        fmt, cm, ours = setup(where0, raw0)
+        return IndexedRows(n, lambda i: _convert(_Row(*get(i), cm), fmt, stage, ours), label)
     pairs = list(stream())
     rows = [row for row, _ in pairs]
     if merge_pairs:

@@ -12,22 +12,34 @@ class DataError(ValueError):
 
 def iter_jsonl(path: str | Path):
     """(where, object) of each JSON line of `path`, read lazily; `where` is ``file:line``."""
+    for where, obj, _, _ in iter_jsonl_at(path):
+        yield where, obj
+
+
+def iter_jsonl_at(path: str | Path):
+    """(where, object, byte offset of the line, line number) of each JSON line of `path`, read lazily. Blank
+    lines are skipped; malformed JSON, invalid UTF-8, a line that is not an object or a file without any
+    object raise DataError naming ``file:line``."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     seen = False
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    with p.open("rb") as fh:
+        offset = 0
+        for lineno, raw in enumerate(fh, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             seen = True
-            yield f"{p}:{lineno}", obj
+            yield f"{p}:{lineno}", obj, start, lineno
     if not seen:
         raise DataError(f"{p}: the file is empty (no JSON lines)")
 

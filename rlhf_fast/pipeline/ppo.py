@@ -138,7 +138,7 @@ class PPOTrainer(RolloutTrainer):
         packing = resolve_packing(cfg.packing, self.actor)
         self.packing = resolve_packing(packing, self.critic) if packing == "shared_prefix" else packing
         if ptx_data is None and cfg.ptx_data:
-            ptx_data = load_ptx(cfg.ptx_data)
+            ptx_data = load_ptx(cfg.ptx_data, lazy=cfg.data_lazy)
         self.ptx_data = ptx_data or []
         if self.ptx_data and cfg.ptx_coef != 0:
             D.check_batch("ptx_batch_size", cfg.ptx_batch_size, d, cfg.grad_accum)

@@ -124,6 +124,19 @@ def answer_hidden(model, prompts: list[list[int]], answers: list[list[list[int]]
     return h[predicts], ids[:, 1:][predicts], answer_of
 
 
+class _Encoded:
+    """The token ids of rows read on demand (formats.IndexedRows), encoded when indexed."""
+
+    def __init__(self, rows, encode):
+        self.rows, self.encode = rows, encode
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.encode(self.rows[i])
+
+
 class RolloutTrainer(T.Trainer):
     """A trainer that samples answers to prompts each iteration. Provides, from ``config`` (prompts,
     prompts_per_iteration, samples_per_prompt / num_generations, max_new_tokens, temperature, top_p,
@@ -152,8 +165,11 @@ class RolloutTrainer(T.Trainer):
         self.prompts = prompts
         self.rules = list(rules or []) + [load_rule(s) for s in cfg.rule_rewards]
         self.encoder = Encoder(tokenizer, cfg.max_prompt_len, cfg.max_new_tokens, cfg.chat_template)
-        self.prompt_ids = [self.encoder.prompt(p["prompt"], p.get("_where", ""), p.get("system"),
-                                               p.get("chat_template_kwargs")) for p in prompts]
+        encode = lambda p: self.encoder.prompt(p["prompt"], p.get("_where", ""), p.get("system"),
+                                               p.get("chat_template_kwargs"))
+        # rows held in memory are encoded (and checked) once; rows read on demand are encoded when drawn
+        self.prompt_ids = ([encode(p) for p in prompts] if isinstance(prompts, list | tuple)
+                           else _Encoded(prompts, encode))
 
     @property
     def iteration(self) -> int:

@@ -18,7 +18,10 @@ Backends:
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,13 +49,40 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton's interpreter runs our kernels from 3.7 on: before it, a loop bound loaded from memory (the attention
+# kernels' block ranges) is not a 0-d value there and `range(lo, hi)` raises. Compiled kernels need 3.6.
+INTERPRETER_MIN_TRITON = (3, 7)
+
+
+@functools.cache
+def _triton_version() -> str:
+    return importlib.metadata.version("triton")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def _triton_reasons(device: torch.device) -> list[str]:
     if importlib.util.find_spec("triton") is None:
         return ["triton is not installed"]
     if device.type == "cuda":
         return [] if torch.cuda.is_available() else ["torch.cuda.is_available() is False"]
     if device.type == "cpu":
-        return [] if triton_interpret() else ["triton runs CPU tensors only under TRITON_INTERPRET=1"]
+        if not triton_interpret():
+            return ["triton runs CPU tensors only under TRITON_INTERPRET=1"]
+        version = _triton_version()
+        if _version_tuple(version) < INTERPRETER_MIN_TRITON:
+            return [f"triton {version}'s interpreter cannot run rlhf_fast's kernels (a loop bound loaded from memory "
+                    f"fails in it before triton 3.7): TRITON_INTERPRET=1 needs triton >= 3.7; compiled GPU kernels "
+                    f"need 3.6"]
+        return []
     return [f"triton does not run on {device.type} tensors"]
 
 

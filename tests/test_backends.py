@@ -103,3 +103,17 @@ def test_gae_under_fake_tensor_mode_goes_through_the_custom_op():
         assert adv.shape == (4, 7) and ret.dtype == torch.float32
     adv, _ = rlhf_fast.gae(torch.ones(4, 7), torch.zeros(4, 7), None)
     assert type(adv) is torch.Tensor and torch.isfinite(adv).all()
+
+
+def test_triton_interpreter_needs_triton_3_7(monkeypatch):
+    """Under TRITON_INTERPRET=1 a triton older than 3.7 is refused on CPU tensors with the reason (its
+    interpreter cannot take a loop bound loaded from memory); compiled GPU kernels are not affected."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_triton_version", lambda: "3.6.0")
+    (reason,) = backends.backends_available("cpu")["triton"]
+    assert "triton 3.6.0's interpreter" in reason and "needs triton >= 3.7" in reason
+    with pytest.raises(ValueError, match="needs triton >= 3.7"):
+        rlhf_fast.kl_penalty(rows(), rows(), backend="triton")
+    monkeypatch.setattr(backends, "_triton_version", lambda: "3.7.0")
+    assert backends.backends_available("cpu")["triton"] == []

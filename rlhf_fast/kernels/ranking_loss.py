@@ -28,7 +28,10 @@ MAX_K = 64
 # Pair tile per program: BLOCK_P prompts x BLOCK_K x BLOCK_K, at most TILE elements.
 TILE = 2048
 MAX_BLOCK_P = 64
-FINALIZE_BLOCK = 1024
+# Partials the one-program finalize kernel sums per loop step. 512: at 1024 triton 3.6 gives it a 32-byte stack
+# frame on sm_90a (its five accumulators, three int64, in 96 registers; 3.9 does not), which
+# `rlhf-fast inspect` rightly reports.
+FINALIZE_BLOCK = 512
 
 
 @triton.jit

@@ -241,6 +241,35 @@ def test_reward_model_trains_on_chat_model(tok, tmp_path):
     assert res["steps"] == 2 and (tmp_path / "rm" / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_reward_model_checkpoint_resume_on_chat_model(tok, tmp_path, lora_r):
+    """A reward-model run killed after two of its four steps and resumed ends with the same weights (score
+    head, LoRA adapters or full weights) as one that ran straight through."""
+    base = saved_chat_model(tok, tmp_path / "base")
+    data = [{"prompt": r["prompt"], "responses": ["yes", "no", "maybe so"], "ranking": [0, 2, 1]} for r in rows(8)]
+
+    def make(out, resume=False):
+        cfg = RMConfig(output_dir=str(tmp_path / out), model=base, batch_size=2, epochs=1, lr=1e-3, device="cpu",
+                       eval_fraction=0.0, lora_r=lora_r, checkpoint_every=1, resume=resume)
+        return RewardTrainer(cfg, train_data=data, progress=False)
+
+    full = make("full")
+    full.train()
+    killed = make("killed")
+    kill_after(killed, 2)
+    with pytest.raises(Killed):
+        killed.train()
+    resumed = make("killed", resume=True)
+    ran = []
+    step = resumed.step
+    resumed.step = lambda *a, **k: ran.append(1) or step(*a, **k)
+    resumed.train()
+    assert len(ran) == 2  # it went on from the checkpoint, not from the start
+    assert resumed.step_count == full.step_count == 4
+    _same_params(full.model, resumed.model)
+    assert not all(torch.equal(x, y) for x, y in zip(full.model.parameters(), make("fresh").model.parameters()))
+
+
 def test_loading_is_quiet_and_a_missing_weight_is_an_error(tok, tmp_path, capfd):
     path = saved_chat_model(tok, tmp_path / "m")
     capfd.readouterr()

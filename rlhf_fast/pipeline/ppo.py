@@ -178,7 +178,9 @@ class PPOTrainer(RolloutTrainer):
         """This rank's answers to its share of the iteration's prompts, with old / reference log-probs,
         values, shaped rewards, GAE advantages (whitened over all ranks) and returns; statistics global."""
         cfg, d = self.config, self.dist
+        t0 = time.time()
         idx, s = self.generate(iteration, self.sampler_logprobs)
+        sample_s = time.time() - t0
         old_lp = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
             self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
         ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
@@ -212,7 +214,7 @@ class PPOTrainer(RolloutTrainer):
                 "stats": {"score": s_rm / n_rows, "reward": s_score / n_rows, "norm_score": s_norm / n_rows,
                           "kl_per_token": s_kl / max(1.0, n_tok), "kl_per_answer": s_kl / n_rows,
                           "beta": self.kl_ctl.beta, "answer_len": n_tok / n_rows,
-                          "value_mean": s_value / max(1.0, n_tok)}}
+                          "value_mean": s_value / max(1.0, n_tok), "sample_s": sample_s}}
 
     # -- update ----------------------------------------------------------------------------
     def ptx_batch(self, iteration: int, epoch: int, mb: int):

@@ -267,7 +267,8 @@ def test_reward_model_checkpoint_resume_on_chat_model(tok, tmp_path, lora_r):
     assert len(ran) == 2  # it went on from the checkpoint, not from the start
     assert resumed.step_count == full.step_count == 4
     _same_params(full.model, resumed.model)
-    assert not all(torch.equal(x, y) for x, y in zip(full.model.parameters(), make("fresh").model.parameters()))
+    fresh = make("fresh").model.parameters()
+    assert not all(torch.equal(x, y) for x, y in zip(full.model.parameters(), fresh, strict=True))  # it trained
 
 
 def test_loading_is_quiet_and_a_missing_weight_is_an_error(tok, tmp_path, capfd):

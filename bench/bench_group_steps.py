@@ -108,7 +108,7 @@ def ours(args, tok, d):
                          progress=False)
         lengths = torch.full((args.groups * args.k,), args.answer)
         with torch.no_grad():
-            from rlhf_fast.pipeline.grpo import answer_logprobs
+            from rlhf_fast.pipeline.rl import answer_logprobs
             old = answer_logprobs(tr.actor, prompts, answers, tr.packing, tok.pad_token_id, "cpu", 1.0)
         ro = {"prompts": prompts, "answers": answers, "lengths": lengths,
               "offsets": torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]), "old": old, "ref": ref.reshape(-1),

@@ -209,6 +209,40 @@ def test_rollout_logprobs_match_the_update_ratio_one_kl_zero(tok, tmp_path, lora
     assert abs(st["approx_kl"]) < 1e-6 and abs(ro["stats"]["kl_per_token"]) < 1e-6
 
 
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_packed_rollout_scoring_equals_the_padded_forwards(tok, tmp_path, lora_r):
+    """The rollout scores with each prompt packed with its answers (one forward per network): old and
+    reference log-probs, critic values and reward-model scores equal those of the padded forwards of the
+    samples' rectangle (left-padded prompts, right-padded answers), and the first update sees ratio 1."""
+    from rlhf_fast.pipeline.ppo import values_of
+    from rlhf_fast.pipeline.rl import last_token_scores, without_adapter
+
+    tr = _ppo(tok, tmp_path, f"packed{lora_r}", lora_r=lora_r, old_logprobs="recompute", samples_per_prompt=3)
+    assert tr.packing == "shared_prefix"
+    first = tr.rollout(0)["samples"].responses
+    # the random model never ends a turn: a token it samples becomes a stop token, so that the same
+    # draw's answers end at different lengths (and the padded layout pads them on the right)
+    tr.encoder.stop_ids = sorted({*tr.encoder.stop_ids, first[0][2]})
+    ro = tr.rollout(0)
+    s, m = ro["samples"], ro["samples"].response_mask
+    assert (s.attention_mask[:, 0] == 0).any() and len({len(r) for r in s.responses}) > 1
+    with torch.no_grad():
+        old = C.token_logprobs(tr.actor, s.input_ids, s.attention_mask, s.labels, 0.9)
+        ref = tr.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
+        values = values_of(tr.critic, C.scalar_head(tr.critic), s.input_ids, s.attention_mask)
+        rm = last_token_scores(tr.reward_model, s) if tr.reward_model is not None else \
+            without_adapter(last_token_scores)(tr.critic, s)
+    torch.testing.assert_close(ro["old_lp"], old * m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ro["ref_lp"], ref * m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ro["values"] * m, values * m, atol=1e-5, rtol=1e-5)
+    assert (ro["values"][~m] == 0).all() and (ro["ref_lp"][~m] == 0).all()
+    torch.testing.assert_close(ro["flat"]["values"], values[m], atol=1e-5, rtol=1e-5)
+    raw = (ro["stats"]["score"] * s.input_ids.shape[0])
+    assert raw == pytest.approx(float(rm.sum()), abs=1e-4)
+    st = tr.update_minibatch(ro, torch.arange(s.input_ids.shape[0]), None)
+    assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and abs(st["approx_kl"]) < 1e-6
+
+
 def test_ppo_checkpoint_resume_with_lora_and_tied_embeddings(tok, tmp_path):
     full = _ppo(tok, tmp_path, "full", lora_r=4, checkpoint_every=1, iterations=3)
     full.train()

@@ -35,6 +35,7 @@ from rlhf_fast.pipeline.config import GRPOConfig, learning_rate
 from rlhf_fast.pipeline.rl import (
     RolloutTrainer,
     answer_hidden,
+    answer_logprobs,
     last_token_scores,
     resolve_packing,
     use_sampler_logprobs,
@@ -44,13 +45,6 @@ from rlhf_fast.reference import ADVANTAGE_MODES, RATIO_LEVELS, ROLLOUT_IS_MODES
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
 ROLLOUT_IS = ("none", *ROLLOUT_IS_MODES)
-
-
-def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, temperature: float) -> Tensor:
-    """(N,) fp32 log-probs of every answer token (answer by answer) under `model`."""
-    h, labels, _ = answer_hidden(model, prompts, answers, packing, pad_id, device)
-    weight, bias = C.lm_head_params(model)
-    return rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=temperature)
 
 
 def check_policy_options(cfg: GRPOConfig) -> None:

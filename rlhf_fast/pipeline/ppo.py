@@ -39,9 +39,11 @@ from rlhf_fast.pipeline.chat import Encoder
 from rlhf_fast.pipeline.config import PPOConfig, learning_rate
 from rlhf_fast.pipeline.data import IGNORE, load_ptx
 from rlhf_fast.pipeline.generation import Samples
+from rlhf_fast.pipeline.reward import score_answers
 from rlhf_fast.pipeline.rl import (
     RolloutTrainer,
     answer_hidden,
+    answer_logprobs,
     last_token_scores,
     load_rule,
     resolve_packing,
@@ -165,13 +167,49 @@ class PPOTrainer(RolloutTrainer):
         return self.actor_run.no_grad(without_adapter(C.token_logprobs), input_ids, attention_mask, labels, t)
 
     @torch.no_grad()
-    def scores(self, s: Samples, idx: list[int]) -> tuple[Tensor, Tensor]:
-        """(raw RM score + rule rewards (B,), the RM score alone (B,))."""
-        rm = self.rm_run.no_grad(last_token_scores, s) if self.rm_run is not None else \
-            self.critic_run.no_grad(without_adapter(last_token_scores), s)
+    def scores(self, s: Samples, idx: list[int], rm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(raw RM score + rule rewards (B,), the RM score alone (B,)); `rm`: the RM scores when already
+        computed."""
+        if rm is None:
+            rm = self.rm_run.no_grad(last_token_scores, s) if self.rm_run is not None else \
+                self.critic_run.no_grad(without_adapter(last_token_scores), s)
         rules = self.rule_scores(s, idx)
         total = rm.clone() if rules is None else rm + self.config.rule_reward_coef * rules
         return total, rm
+
+    @torch.no_grad()
+    def _packed_scoring(self, s: Samples, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(old and reference log-probs, critic values: (B, T-1) in the samples' layout, 0 off the answers;
+        RM scores (B,)) with each prompt packed with its answers: one forward per network in which the
+        prompt is computed once for its samples_per_prompt answers, and the lm_head, the value head and the
+        reward head read only the positions they score (the padded forwards of the samples' rectangle
+        compute every prompt K times, and the padding)."""
+        cfg, k, pad = self.config, self.num_samples, self.tokenizer.pad_token_id
+        prompts = [self.prompt_ids[i] for i in idx]
+        answers = [s.responses[g * k:(g + 1) * k] for g in range(len(idx))]
+        mask = s.response_mask
+        packed = (prompts, answers, "shared_prefix", pad, self.device)
+
+        def padded(flat: Tensor) -> Tensor:   # answer by answer, token by token = the mask's row-major order
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, flat.float())
+
+        def logprobs(model):
+            return answer_logprobs(model, *packed, cfg.temperature)
+
+        def values(model):
+            return C.scalar_head(model)(answer_hidden(model, *packed)[0]).squeeze(-1).float()
+
+        def rm_scores(model):
+            return score_answers(model, prompts, answers, "shared_prefix", pad, self.device)
+
+        old = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
+            padded(self.actor_run.no_grad(logprobs))
+        ref = padded(self.ref_run.no_grad(logprobs) if self.ref_run is not None else
+                     self.actor_run.no_grad(without_adapter(logprobs)))
+        vals = padded(self.critic_run.no_grad(values))
+        rm = self.rm_run.no_grad(rm_scores) if self.rm_run is not None else \
+            self.critic_run.no_grad(without_adapter(rm_scores))
+        return old, ref, vals, rm.float()
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> dict:
@@ -181,12 +219,16 @@ class PPOTrainer(RolloutTrainer):
         t0 = time.time()
         idx, s = self.generate(iteration, self.sampler_logprobs)
         sample_s = time.time() - t0
-        old_lp = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
-            self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
-        ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
-        values = self.critic_run.no_grad(
-            lambda m: values_of(m, C.scalar_head(m), s.input_ids, s.attention_mask))
-        score, rm_score = self.scores(s, idx)
+        if self.packing == "shared_prefix":
+            old_lp, ref_lp, values, rm_score = self._packed_scoring(s, idx)
+        else:
+            old_lp = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
+                self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
+            ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
+            values = self.critic_run.no_grad(
+                lambda m: values_of(m, C.scalar_head(m), s.input_ids, s.attention_mask))
+            rm_score = None
+        score, rm_score = self.scores(s, idx, rm_score)
         if self.score_norm is None:  # the first rollout's answers (all ranks) set the scale of the reward
             mean, std, _ = D.global_mean_std(score, d)
             self.score_norm = (mean, max(std, 1e-6))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import rlhf_fast
 from rlhf_fast.pipeline import common as C
 from rlhf_fast.pipeline import distributed as D
 from rlhf_fast.pipeline import trainer as T
@@ -64,6 +65,14 @@ def use_sampler_logprobs(old_logprobs: str, precision: str) -> bool:
     if old_logprobs not in OLD_LOGPROBS:
         raise ValueError(f"old_logprobs: expected 'auto', 'sampler' or 'recompute', got {old_logprobs!r}")
     return old_logprobs == "sampler" or (old_logprobs == "auto" and precision != "bf16")
+
+
+def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, temperature: float) -> Tensor:
+    """(N,) fp32 log-probs of every answer token (answer by answer) under `model`, from the lm_head through
+    :func:`rlhf_fast.linear_logprobs`."""
+    h, labels, _ = answer_hidden(model, prompts, answers, packing, pad_id, device)
+    weight, bias = C.lm_head_params(model)
+    return rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=temperature)
 
 
 def last_token_scores(model, s: Samples) -> Tensor:

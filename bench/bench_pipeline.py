@@ -84,7 +84,8 @@ def real_model_worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [{"prompt": p} for p in ConstraintTask().prompts(256, g)]
     with tempfile.TemporaryDirectory() as d:
-        cfg = PPOConfig(**(DEMO["ppo"] | {"output_dir": f"{d}/ppo", "device": "cpu"}))
+        cfg = PPOConfig(**(DEMO["ppo"] | {"output_dir": f"{d}/ppo", "device": "cpu",
+                                          "shared_trunk": bool(args.shared_trunk)}))
         tr = PPOTrainer(cfg, policy=policy, reward_model=rm, tokenizer=tok, prompts=prompts,
                         ptx_data=TopicTask().ptx_texts(256, g), progress=False)
         print(json.dumps(timed_steps(tr, args.steps)))
@@ -102,25 +103,32 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="",
                     help="a real model (path, hub id or 'default': the embedded SmolLM2-135M-Instruct) with the "
                          "embedded run's PPO-ptx settings; the tiny-Llama options are then unused")
+    ap.add_argument("--shared-trunk", type=int, default=1,
+                    help="--model: 1 to run the frozen layers below the LoRA layers once per rollout for every "
+                         "network (PPOConfig.shared_trunk), 0 for full forwards; both are measured when 1")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
     rows = {}
-    for name, env in (("rlhf_fast", {}), ("torch", {"RLHF_FAST_BACKEND": "torch"})):
+    variants = [("rlhf_fast", {}, []), ("torch", {"RLHF_FAST_BACKEND": "torch"}, [])]
+    if args.model and args.shared_trunk:
+        variants.insert(1, ("rlhf_fast, no shared trunk", {}, ["--shared-trunk", "0"]))
+    for name, env, extra in variants:
         e = {k: v for k, v in os.environ.items() if k != "RLHF_FAST_BACKEND"} | env
-        out = subprocess.run([sys.executable, __file__, "--worker", *(argv or sys.argv[1:])], env=e, check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--worker", *(argv or sys.argv[1:]), *extra], env=e,
+                             check=True, capture_output=True, text=True).stdout
         rows[name] = json.loads(out.strip().splitlines()[-1])
     print("| backend | PPO step ms | sampling ms | scoring ms | update ms | answer tokens/s |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {1e3 * r['step_s']:.0f} | {1e3 * r['sample_s']:.0f} | {1e3 * r['score_s']:.0f} | "
               f"{1e3 * r['update_s']:.0f} | {r['tokens_per_s']:.1f} |")
-    ours, ref = rows["rlhf_fast"], rows["torch"]
-    print("speed-up vs torch backend: " + ", ".join(
-        f"{part} {ref[k] / ours[k]:.2f}x" for part, k in
-        (("step", "step_s"), ("sampling", "sample_s"), ("scoring", "score_s"), ("update", "update_s"))))
+    ours = rows["rlhf_fast"]
+    for name in (n for n in rows if n != "rlhf_fast"):
+        print(f"speed-up vs {name}: " + ", ".join(
+            f"{part} {rows[name][k] / ours[k]:.2f}x" for part, k in
+            (("step", "step_s"), ("sampling", "sample_s"), ("scoring", "score_s"), ("update", "update_s"))))
 
 if __name__ == "__main__":
     main()

@@ -243,6 +243,56 @@ def test_packed_rollout_scoring_equals_the_padded_forwards(tok, tmp_path, lora_r
     assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and abs(st["approx_kl"]) < 1e-6
 
 
+def _ppo_shared_base(tok, tmp_path, name, **kw):
+    """PPO whose reward model is the policy's own weights with a new score head (as in the embedded run,
+    where both come from the SFT model), 3 decoder layers, LoRA in the top one."""
+    model = C.build_tiny_llama(tok, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                               num_kv_heads=2, seed=1, tie_word_embeddings=True)
+    path = tmp_path / f"{name}_base"
+    C.save_model(model, tok, path)
+    rm = C.load_scalar_model(str(path), pad_token_id=tok.pad_token_id, seed=3)
+    prompts = [{"prompt": r["prompt"]} for r in rows(8)]
+    cfg = dict(output_dir=str(tmp_path / name), iterations=2, prompts_per_iteration=3, samples_per_prompt=3,
+               max_new_tokens=6, ppo_epochs=1, minibatch_size=6, device="cpu", eval_every=0, lr=1e-2,
+               critic_lr=1e-2, temperature=0.9, ptx_coef=0.0, lora_r=4, lora_layers=1, old_logprobs="recompute")
+    cfg.update(kw)
+    return PPOTrainer(PPOConfig(**cfg), policy=C.load_causal_lm(str(path)), reward_model=rm, tokenizer=tok,
+                      prompts=prompts, progress=False)
+
+
+def test_shared_frozen_trunk_equals_the_full_forwards(tok, tmp_path):
+    """With LoRA in the top layer only and the reward model made from the policy's weights, actor,
+    reference, critic and reward model share the two frozen layers below it: the rollout runs them once
+    and the update starts from their output; log-probs, values, scores, losses and the weights after the
+    update equal those of full forwards. Networks whose frozen layers differ share nothing."""
+    from rlhf_fast.pipeline.trunk import shared_depth
+
+    shared = _ppo_shared_base(tok, tmp_path, "shared")
+    full = _ppo_shared_base(tok, tmp_path, "full", shared_trunk=False)
+    assert shared.trunk_depth == 2 and full.trunk_depth == 0
+    assert shared_depth([shared.actor, full.critic]) == 2      # equal weights, other objects
+    assert _ppo(tok, tmp_path, "other", lora_r=4, lora_layers=1).trunk_depth == 0   # RM from other weights
+    assert _ppo(tok, tmp_path, "dense", lora_r=0).trunk_depth == 0                 # every layer trains
+    a, b = shared.rollout(0), full.rollout(0)
+    assert a["trunk"] is not None and b["trunk"] is None
+    assert a["samples"].responses == b["samples"].responses
+    for key in ("old_lp", "ref_lp", "values", "adv", "ret"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert a["stats"]["score"] == pytest.approx(b["stats"]["score"], abs=1e-5)
+    rows_ = torch.arange(a["samples"].input_ids.shape[0])
+    sa, sb = shared.update_minibatch(a, rows_, None), full.update_minibatch(b, rows_, None)
+    for key in ("policy_loss", "value_loss", "ratio_mean"):
+        assert sa[key] == pytest.approx(sb[key], abs=1e-5), key
+    for (n, p), (_, q) in zip(shared.actor.named_parameters(), full.actor.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+    for (n, p), (_, q) in zip(shared.critic.named_parameters(), full.critic.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+    # the trunk's layers are the models' own again after every call
+    from rlhf_fast.pipeline.distributed import unwrap_peft
+
+    assert len(unwrap_peft(shared.actor).base_model.layers) == 3 and len(unwrap_peft(shared.critic).base_model.layers) == 3
+
+
 def test_ppo_checkpoint_resume_with_lora_and_tied_embeddings(tok, tmp_path):
     full = _ppo(tok, tmp_path, "full", lora_r=4, checkpoint_every=1, iterations=3)
     full.train()

@@ -233,6 +233,10 @@ class PPOConfig(StageConfig):
     packing: str = _f("shared_prefix", "actor and critic updates: 'shared_prefix' (each prompt packed with its "
                                        "samples_per_prompt answers and computed once; minibatches of whole "
                                        "groups) or 'padded' (one row per answer)")
+    shared_trunk: bool = _f(True, "with shared_prefix packing and LoRA in the top layers only (lora_layers): run "
+                                  "the frozen layers below them once per rollout for actor, reference, critic and "
+                                  "reward model (their weights there are checked equal), and start the update's "
+                                  "forwards from that output")
     max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
     log_every: int = _f(1, "log metrics every this many iterations")
     eval_every: int = _f(10, "score held-out prompts with the gold preference every this many iterations "

@@ -51,6 +51,7 @@ from rlhf_fast.pipeline.rl import (
     without_adapter,
 )
 from rlhf_fast.pipeline.sft import encode_lm
+from rlhf_fast.pipeline.trunk import packed_trunk, shared_depth, top_hidden
 
 __all__ = ["AdaptiveKL", "PPOTrainer", "load_rule", "values_of"]
 
@@ -139,6 +140,9 @@ class PPOTrainer(RolloutTrainer):
         self.critic_head = C.scalar_head(self.critic)
         packing = resolve_packing(cfg.packing, self.actor)
         self.packing = resolve_packing(packing, self.critic) if packing == "shared_prefix" else packing
+        # the frozen decoder layers every network shares (LoRA in the top layers only): run once per rollout
+        networks = [m for m in (self.actor, self.critic, self.ref, self.reward_model) if m is not None]
+        self.trunk_depth = shared_depth(networks) if self.packing == "shared_prefix" and cfg.shared_trunk else 0
         if ptx_data is None and cfg.ptx_data:
             ptx_data = load_ptx(cfg.ptx_data, lazy=cfg.data_lazy)
         self.ptx_data = ptx_data or []
@@ -178,29 +182,37 @@ class PPOTrainer(RolloutTrainer):
         return total, rm
 
     @torch.no_grad()
-    def _packed_scoring(self, s: Samples, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _packed_scoring(self, s: Samples, idx: list[int]):
         """(old and reference log-probs, critic values: (B, T-1) in the samples' layout, 0 off the answers;
-        RM scores (B,)) with each prompt packed with its answers: one forward per network in which the
-        prompt is computed once for its samples_per_prompt answers, and the lm_head, the value head and the
-        reward head read only the positions they score (the padded forwards of the samples' rectangle
-        compute every prompt K times, and the padding)."""
+        RM scores (B,); the frozen trunk's output or None) with each prompt packed with its answers: one
+        forward per network in which the prompt is computed once for its samples_per_prompt answers, and the
+        lm_head, the value head and the reward head read only the positions they score (the padded forwards
+        of the samples' rectangle compute every prompt K times, and the padding). With a shared frozen trunk
+        (:mod:`rlhf_fast.pipeline.trunk`) its layers run once for all the networks, and the update starts
+        from its output too."""
         cfg, k, pad = self.config, self.num_samples, self.tokenizer.pad_token_id
         prompts = [self.prompt_ids[i] for i in idx]
         answers = [s.responses[g * k:(g + 1) * k] for g in range(len(idx))]
         mask = s.response_mask
+        trunk = None
+        if self.trunk_depth:
+            trunk = self.actor_run.no_grad(packed_trunk, prompts, answers, self.trunk_depth, self.device)
         packed = (prompts, answers, "shared_prefix", pad, self.device)
 
         def padded(flat: Tensor) -> Tensor:   # answer by answer, token by token = the mask's row-major order
             return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, flat.float())
 
         def logprobs(model):
-            return answer_logprobs(model, *packed, cfg.temperature)
+            return answer_logprobs(model, *packed, cfg.temperature, trunk)
 
         def values(model):
-            return C.scalar_head(model)(answer_hidden(model, *packed)[0]).squeeze(-1).float()
+            return C.scalar_head(model)(answer_hidden(model, *packed, trunk)[0]).squeeze(-1).float()
 
         def rm_scores(model):
-            return score_answers(model, prompts, answers, "shared_prefix", pad, self.device)
+            if trunk is None:
+                return score_answers(model, prompts, answers, "shared_prefix", pad, self.device)
+            h = top_hidden(model, trunk)[trunk.layout.last_token_index]
+            return C.scalar_head(model)(h).squeeze(-1).float()
 
         old = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
             padded(self.actor_run.no_grad(logprobs))
@@ -209,7 +221,7 @@ class PPOTrainer(RolloutTrainer):
         vals = padded(self.critic_run.no_grad(values))
         rm = self.rm_run.no_grad(rm_scores) if self.rm_run is not None else \
             self.critic_run.no_grad(without_adapter(rm_scores))
-        return old, ref, vals, rm.float()
+        return old, ref, vals, rm.float(), trunk
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> dict:
@@ -220,14 +232,14 @@ class PPOTrainer(RolloutTrainer):
         idx, s = self.generate(iteration, self.sampler_logprobs)
         sample_s = time.time() - t0
         if self.packing == "shared_prefix":
-            old_lp, ref_lp, values, rm_score = self._packed_scoring(s, idx)
+            old_lp, ref_lp, values, rm_score, trunk = self._packed_scoring(s, idx)
         else:
             old_lp = s.logprobs if self.sampler_logprobs and s.logprobs is not None else \
                 self.actor_run.no_grad(C.token_logprobs, s.input_ids, s.attention_mask, s.labels, cfg.temperature)
             ref_lp = self.ref_logprobs(s.input_ids, s.attention_mask, s.labels)
             values = self.critic_run.no_grad(
                 lambda m: values_of(m, C.scalar_head(m), s.input_ids, s.attention_mask))
-            rm_score = None
+            rm_score = trunk = None
         score, rm_score = self.scores(s, idx, rm_score)
         if self.score_norm is None:  # the first rollout's answers (all ranks) set the scale of the reward
             mean, std, _ = D.global_mean_std(score, d)
@@ -252,7 +264,7 @@ class PPOTrainer(RolloutTrainer):
                 "ret": ret[mask], "offsets": torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
                 "prompts": [self.prompt_ids[i] for i in idx]}  # per answer token, answer by answer
         return {"samples": s, "old_lp": old_lp, "ref_lp": ref_lp, "values": values, "rewards": rewards,
-                "adv": adv, "ret": ret, "rows": int(n_rows), "flat": flat,
+                "adv": adv, "ret": ret, "rows": int(n_rows), "flat": flat, "trunk": trunk,
                 "stats": {"score": s_rm / n_rows, "reward": s_score / n_rows, "norm_score": s_norm / n_rows,
                           "kl_per_token": s_kl / max(1.0, n_tok), "kl_per_answer": s_kl / n_rows,
                           "beta": self.kl_ctl.beta, "answer_len": n_tok / n_rows,
@@ -273,9 +285,11 @@ class PPOTrainer(RolloutTrainer):
         k = self.config.samples_per_prompt
         s: Samples = ro["samples"]
         groups = (rows.view(-1, k)[:, 0] // k).tolist()
-        h, labels, _ = answer_hidden(model, [ro["flat"]["prompts"][g] for g in groups],
-                                     [s.responses[g * k:(g + 1) * k] for g in groups], "shared_prefix",
-                                     self.tokenizer.pad_token_id, self.device)
+        prompts = [ro["flat"]["prompts"][g] for g in groups]
+        answers = [s.responses[g * k:(g + 1) * k] for g in groups]
+        trunk = ro["trunk"].select(groups, prompts, answers) if ro.get("trunk") is not None else None
+        h, labels, _ = answer_hidden(model, prompts, answers, "shared_prefix", self.tokenizer.pad_token_id,
+                                     self.device, trunk)
         off = ro["flat"]["offsets"]
         tok = torch.cat([torch.arange(int(off[r]), int(off[r + 1]), device=self.device) for r in rows.tolist()])
         return h[None], labels[None], tok

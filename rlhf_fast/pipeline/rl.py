@@ -67,10 +67,11 @@ def use_sampler_logprobs(old_logprobs: str, precision: str) -> bool:
     return old_logprobs == "sampler" or (old_logprobs == "auto" and precision != "bf16")
 
 
-def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, temperature: float) -> Tensor:
+def answer_logprobs(model, prompts, answers, packing: str, pad_id: int, device, temperature: float,
+                    trunk=None) -> Tensor:
     """(N,) fp32 log-probs of every answer token (answer by answer) under `model`, from the lm_head through
     :func:`rlhf_fast.linear_logprobs`."""
-    h, labels, _ = answer_hidden(model, prompts, answers, packing, pad_id, device)
+    h, labels, _ = answer_hidden(model, prompts, answers, packing, pad_id, device, trunk)
     weight, bias = C.lm_head_params(model)
     return rlhf_fast.linear_logprobs(h, weight, labels, bias=bias, temperature=temperature)
 
@@ -95,17 +96,23 @@ def resolve_packing(packing: str, model=None) -> str:
 
 
 def answer_hidden(model, prompts: list[list[int]], answers: list[list[list[int]]], packing: str, pad_id: int,
-                  device) -> tuple[Tensor, Tensor, Tensor]:
+                  device, trunk=None) -> tuple[Tensor, Tensor, Tensor]:
     """The last hidden states that predict every answer token, answer by answer (group by group): ``(N, H)``,
     with the tokens they predict ``(N,)`` and each token's answer ``(N,)``.
 
     "shared_prefix": one packed sequence per prompt and its answers ``[prompt, answer_1, ..., answer_K]``
     (:func:`rlhf_fast.shared_prefix_attention`): the prompt's tokens are computed once for its K answers,
-    in the forward and in the backward. "padded": the ``[prompt, answer_k]`` rows as one right-padded
-    batch. Both give the same rows to fp32 rounding."""
+    in the forward and in the backward; with `trunk` (a :class:`~rlhf_fast.pipeline.trunk.Trunk` of these
+    groups) only the model's layers above the shared frozen trunk run. "padded": the ``[prompt, answer_k]``
+    rows as one right-padded batch. All give the same rows to fp32 rounding."""
     base = D.unwrap_peft(model)  # a LoRA model: the transformers model with its adapters inside
     n_ans = [len(a) for a in answers]
     flat_answers = [a for ans in answers for a in ans]
+    if trunk is not None:
+        from rlhf_fast.pipeline.trunk import top_hidden
+
+        h, layout = top_hidden(base, trunk), trunk.layout
+        return h[layout.source_index], trunk.ids[0][layout.target_index], layout.target_answer
     if packing == "shared_prefix":
         from rlhf_fast.integrations.transformers import LAYOUT_KWARG, shared_prefix_inputs
 

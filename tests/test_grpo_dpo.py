@@ -80,6 +80,38 @@ def test_grpo_packed_loss_and_gradients_equal_padded(tok, tmp_path, loss_type, b
         assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
 
 
+def test_grpo_shared_trunk_equals_full_forwards(tok, tmp_path):
+    """LoRA in the top layer only: policy and reference share the frozen layer below it, run once per rollout;
+    the reference log-probs and the update's loss and gradients equal those of full (padded) forwards."""
+    tr = grpo(tok, tmp_path, loss_type="grpo", beta=0.1, lora_r=4, lora_layers=1, num_iterations=2,
+              old_logprobs="recompute")
+    assert tr.trunk_depth == 1
+    assert grpo(tok, tmp_path / "off", lora_r=4, lora_layers=1, shared_trunk=False).trunk_depth == 0
+    ro = tr.rollout(0)
+    assert ro["trunk"] is not None
+    for key, off in (("old", False), ("ref", True)):
+        full = tr._logprobs(tr.actor_run, dict(ro, trunk=None), adapter_off=off)
+        assert_close(ro[key], full, key, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for p in tr.actor_run.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = {}
+    for packing in ("shared_prefix", "padded"):
+        tr.packing = packing
+        tr.actor.zero_grad(set_to_none=True)
+        loss, st = tr.actor_run(tr._loss, ro, [0, 1], float(ro["lengths"].sum()), float(ro["lengths"].numel()))
+        loss.backward()
+        out[packing] = (loss.detach(), st, grads(tr.actor))
+    (l1, s1, g1), (l2, s2, g2) = out["shared_prefix"], out["padded"]
+    assert_close(l1, l2, "loss", atol=1e-5, rtol=1e-4)
+    assert_close(s1["kl"], s2["kl"], "kl", atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
+    tr.packing = "shared_prefix"
+    tr.train()
+
+
 def test_gspo_equals_token_level_on_policy_and_its_log_prob_path_the_fused_head(tok, tmp_path):
     """On policy (ratio 1) GSPO's gradient is the token-level one: GSPO through the log-prob path
     (linear_logprobs + ppo_policy_loss + kl_penalty) equals GRPO through the fused head (linear_ppo_loss), loss,

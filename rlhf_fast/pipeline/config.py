@@ -300,6 +300,9 @@ class GRPOConfig(StageConfig):
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     packing: str = _f("shared_prefix", "'shared_prefix' (each prompt computed once for its K answers, forward and "
                                        "backward) or 'padded' (K [prompt, answer] rows)")
+    shared_trunk: bool = _f(True, "with shared_prefix packing and LoRA in the top layers only (lora_layers): run "
+                                  "the frozen layers below them once per rollout for policy and reference, and "
+                                  "start the update's forwards from that output")
     max_prompt_len: int = _f(512, "prompt tokens kept (longer prompts are truncated from the left, with a warning)")
     log_every: int = _f(1, "log metrics every this many iterations")
     eval_every: int = _f(0, "score held-out prompts with the gold preference every this many iterations "

@@ -41,6 +41,7 @@ from rlhf_fast.pipeline.rl import (
     use_sampler_logprobs,
     without_adapter,
 )
+from rlhf_fast.pipeline.trunk import packed_trunk, shared_depth
 from rlhf_fast.reference import ADVANTAGE_MODES, RATIO_LEVELS, ROLLOUT_IS_MODES
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo")
@@ -139,6 +140,9 @@ class GRPOTrainer(RolloutTrainer):
         self.reward_model = None if reward_model is None else reward_model.to(self.device).eval().requires_grad_(False)
         self.rm_run = None if self.reward_model is None else D.Engine(self.reward_model, d, trainable=False)
         self.packing = resolve_packing(cfg.packing, self.actor)
+        # the frozen decoder layers below the LoRA layers, shared by actor and reference: run once per rollout
+        networks = [m for m in (self.actor, self.ref) if m is not None]
+        self.trunk_depth = shared_depth(networks) if self.packing == "shared_prefix" and cfg.shared_trunk else 0
         self.optimizer = torch.optim.AdamW(self.actor_run.trainable_parameters(), lr=learning_rate(cfg, 1e-6, 2e-5),
                                            weight_decay=0.0)
         # with a rollout correction the ratio's old log-probs are the trainer's own, the sampler's are the weights'
@@ -150,7 +154,7 @@ class GRPOTrainer(RolloutTrainer):
     def _logprobs(self, run, ro: dict, adapter_off: bool = False) -> Tensor:
         fn = without_adapter(answer_logprobs) if adapter_off else answer_logprobs
         return run.no_grad(fn, ro["prompts"], ro["answers"], self.packing, self.tokenizer.pad_token_id, self.device,
-                           self.config.temperature)
+                           self.config.temperature, ro.get("trunk") if self.packing == "shared_prefix" else None)
 
     @torch.no_grad()
     def scores(self, s, idx: list[int]) -> Tensor:
@@ -176,6 +180,8 @@ class GRPOTrainer(RolloutTrainer):
         lengths = mask.sum(1)
         ro["lengths"] = lengths
         ro["offsets"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        ro["trunk"] = self.actor_run.no_grad(packed_trunk, ro["prompts"], ro["answers"], self.trunk_depth,
+                                             self.device) if self.trunk_depth else None
         ro["old"] = s.logprobs[mask] if self.sampler_logprobs and s.logprobs is not None else \
             self._logprobs(self.actor_run, ro)
         ro["is_w"], is_stats = self._rollout_weights(ro["old"], s)
@@ -220,8 +226,11 @@ class GRPOTrainer(RolloutTrainer):
     def _loss(self, model, ro: dict, groups: list[int], n_tok: float, n_seq: float):
         cfg = self.config
         rows = self._rows(groups)
-        h, labels, _ = answer_hidden(model, [ro["prompts"][g] for g in groups], [ro["answers"][g] for g in groups],
-                                     self.packing, self.tokenizer.pad_token_id, self.device)
+        prompts, answers = [ro["prompts"][g] for g in groups], [ro["answers"][g] for g in groups]
+        trunk = ro["trunk"].select(groups, prompts, answers) \
+            if ro.get("trunk") is not None and self.packing == "shared_prefix" else None
+        h, labels, _ = answer_hidden(model, prompts, answers, self.packing, self.tokenizer.pad_token_id, self.device,
+                                     trunk)
         off, lengths = ro["offsets"], ro["lengths"][rows]
         tok = torch.cat([torch.arange(int(off[r]), int(off[r + 1]), device=self.device) for r in rows])
         adv = ro["adv"][rows].repeat_interleave(lengths)

@@ -290,7 +290,7 @@ def test_shared_frozen_trunk_equals_the_full_forwards(tok, tmp_path):
     # the trunk's layers are the models' own again after every call
     from rlhf_fast.pipeline.distributed import unwrap_peft
 
-    assert len(unwrap_peft(shared.actor).base_model.layers) == 3 and len(unwrap_peft(shared.critic).base_model.layers) == 3
+    assert [len(unwrap_peft(m).base_model.layers) for m in (shared.actor, shared.critic)] == [3, 3]
 
 
 def test_ppo_checkpoint_resume_with_lora_and_tied_embeddings(tok, tmp_path):

@@ -55,7 +55,9 @@ def frozen_depth(model) -> int:
 
 
 def _same(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
+    """Whether two modules hold equal tensors under the same names (parameters and buffers, the
+    non-persistent ones such as rotary frequencies included)."""
+    sa, sb = dict(a.named_buffers()) | a.state_dict(), dict(b.named_buffers()) | b.state_dict()
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and
         (sa[k].data_ptr() == sb[k].data_ptr() or torch.equal(sa[k], sb[k])) for k in sa)
@@ -72,8 +74,9 @@ def shared_depth(models: list) -> int:
     for dec in decs[1:]:
         if dec is first:
             continue
+        scaling = [getattr(x.rotary_emb, "attention_scaling", 1.0) for x in (first, dec)]
         if not _same(first.embed_tokens, dec.embed_tokens) or not _same(first.rotary_emb, dec.rotary_emb) or \
-                getattr(first.rotary_emb, "attention_scaling", 1.0) != getattr(dec.rotary_emb, "attention_scaling", 1.0):
+                scaling[0] != scaling[1]:
             return 0
         same = 0
         while same < depth and _same(first.layers[same], dec.layers[same]):

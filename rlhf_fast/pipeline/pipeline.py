@@ -128,16 +128,17 @@ def best_of_k_demonstrations(model, tokenizer, encoder, task, prompts: list[str]
 
 
 def label_comparisons(policy, tokenizer, encoder, task, prompts: list[str], *, k_min: int, k_max: int,
-                      max_new_tokens: int, temperature: float, seed: int, device, batch: int = 32,
+                      max_new_tokens: int, temperature: float, seed: int, device, decode_rows: int = 128,
                       progress: bool = False) -> list[dict]:
-    """K in [k_min, k_max] answers per prompt sampled from `policy`, ranked by the simulated labeler."""
+    """K in [k_min, k_max] answers per prompt sampled from `policy`, ranked by the simulated labeler; about
+    `decode_rows` answers are sampled at a time (the decode batch, whose KV cache sets the stage's peak memory)."""
     if not 2 <= k_min <= k_max:
         raise ValueError(f"k_min/k_max: need 2 <= k_min <= k_max, got {k_min}, {k_max}")
     g = torch.Generator().manual_seed(C.step_seed(seed, 200))
     rows = []
     for p, texts in sampled_answers(policy, tokenizer, encoder, prompts, k=k_max, max_new_tokens=max_new_tokens,
                                     temperature=temperature, seed=C.step_seed(seed, 201), device=device,
-                                    batch=batch, desc="comparisons", progress=progress):
+                                    batch=max(1, decode_rows // k_max), desc="comparisons", progress=progress):
         answers = texts[: int(torch.randint(k_min, k_max + 1, (1,), generator=g))]
         rows.append({"prompt": p, "responses": answers, "ranking": task.rank(p, answers, g)})
     return rows

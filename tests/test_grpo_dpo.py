@@ -48,6 +48,34 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def grpo_losses_by_packing(tr, ro) -> dict:
+    """packing -> (loss, stats, gradients) of the update's loss on groups [0, 1] of rollout `ro`, after the
+    policy is moved off the sampler (so that ratios and clipping are exercised)."""
+    with torch.no_grad():
+        for p in tr.actor_run.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = {}
+    for packing in ("shared_prefix", "padded"):
+        tr.packing = packing
+        tr.actor.zero_grad(set_to_none=True)
+        n_tok, n_seq = float(ro["lengths"].sum()), float(ro["lengths"].numel())
+        loss, st = tr.actor_run(tr._loss, ro, [0, 1], n_tok, n_seq)
+        loss.backward()
+        out[packing] = (loss.detach(), st, grads(tr.actor))
+    tr.packing = "shared_prefix"
+    return out
+
+
+def assert_packings_agree(out: dict, stats: tuple[str, ...]) -> None:
+    (l1, s1, g1), (l2, s2, g2) = out["shared_prefix"], out["padded"]
+    assert_close(l1, l2, "loss", atol=1e-5, rtol=1e-4)
+    for key in stats:
+        assert_close(s1[key], s2[key], key, atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("loss_type, beta, lora, extra", [
     ("dapo", 0.0, 0, {}), ("grpo", 0.1, 0, {}), ("dr_grpo", 0.1, 8, {}),
     ("cispo", 0.1, 0, dict(epsilon_high=1.5)), ("grpo", 0.1, 0, dict(importance_sampling_level="sequence")),
@@ -59,25 +87,10 @@ def test_grpo_packed_loss_and_gradients_equal_padded(tok, tmp_path, loss_type, b
     assert tr.packing == "shared_prefix"
     ro = tr.rollout(0)
     assert sum(len(a) for ans in ro["answers"] for a in ans) == ro["old"].numel() == int(ro["lengths"].sum())
-    with torch.no_grad():  # move the policy off the sampler, so that ratios and clipping are exercised
-        for p in tr.actor_run.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    out = {}
-    for packing in ("shared_prefix", "padded"):
-        tr.packing = packing
-        tr.actor.zero_grad(set_to_none=True)
-        n_tok, n_seq = float(ro["lengths"].sum()), float(ro["lengths"].numel())
-        loss, st = tr.actor_run(tr._loss, ro, [0, 1], n_tok, n_seq)
-        loss.backward()
-        out[packing] = (loss.detach(), st, grads(tr.actor))
-    (l1, s1, g1), (l2, s2, g2) = out["shared_prefix"], out["padded"]
+    out = grpo_losses_by_packing(tr, ro)
+    s1 = out["shared_prefix"][1]
     assert float(s1["clip_frac"]) > 0 or float(s1["ratio_max"]) != 1.0
-    assert_close(l1, l2, "loss", atol=1e-5, rtol=1e-4)
-    for key in ("clip_frac", "ratio_mean", "kl"):
-        assert_close(s1[key], s2[key], key, atol=1e-5, rtol=1e-4)
-    assert g1.keys() == g2.keys() and len(g1) > 0
-    for n in g1:
-        assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
+    assert_packings_agree(out, ("clip_frac", "ratio_mean", "kl"))
 
 
 def test_grpo_shared_trunk_equals_full_forwards(tok, tmp_path):
@@ -92,23 +105,7 @@ def test_grpo_shared_trunk_equals_full_forwards(tok, tmp_path):
     for key, off in (("old", False), ("ref", True)):
         full = tr._logprobs(tr.actor_run, dict(ro, trunk=None), adapter_off=off)
         assert_close(ro[key], full, key, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        for p in tr.actor_run.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    out = {}
-    for packing in ("shared_prefix", "padded"):
-        tr.packing = packing
-        tr.actor.zero_grad(set_to_none=True)
-        loss, st = tr.actor_run(tr._loss, ro, [0, 1], float(ro["lengths"].sum()), float(ro["lengths"].numel()))
-        loss.backward()
-        out[packing] = (loss.detach(), st, grads(tr.actor))
-    (l1, s1, g1), (l2, s2, g2) = out["shared_prefix"], out["padded"]
-    assert_close(l1, l2, "loss", atol=1e-5, rtol=1e-4)
-    assert_close(s1["kl"], s2["kl"], "kl", atol=1e-5, rtol=1e-4)
-    assert g1.keys() == g2.keys() and len(g1) > 0
-    for n in g1:
-        assert_close(g1[n], g2[n], f"grad {n}", atol=1e-5, rtol=1e-3)
-    tr.packing = "shared_prefix"
+    assert_packings_agree(grpo_losses_by_packing(tr, ro), ("kl",))
     tr.train()
 
 

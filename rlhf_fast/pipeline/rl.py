@@ -114,10 +114,10 @@ def answer_hidden(model, prompts: list[list[int]], answers: list[list[list[int]]
         h, layout = top_hidden(base, trunk), trunk.layout
         return h[layout.source_index], trunk.ids[0][layout.target_index], layout.target_answer
     if packing == "shared_prefix":
-        from rlhf_fast.integrations.transformers import LAYOUT_KWARG, shared_prefix_inputs
+        from rlhf_fast.integrations.transformers import LAYOUT_KWARG
+        from rlhf_fast.pipeline.trunk import packed_inputs
 
-        ids, pos, layout = shared_prefix_inputs([torch.tensor(p) for p in prompts],
-                                                [[torch.tensor(a) for a in ans] for ans in answers], device)
+        ids, pos, layout = packed_inputs(prompts, answers, device)
         h = base.base_model(input_ids=ids, position_ids=pos, use_cache=False, **{LAYOUT_KWARG: layout})
         h = h.last_hidden_state[0]
         return h[layout.source_index], ids[0][layout.target_index], layout.target_answer

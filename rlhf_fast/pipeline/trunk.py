@@ -98,6 +98,15 @@ def _span(dec: nn.Module, lo: int, hi: int, final_norm: bool):
         dec.layers, dec.norm = layers, norm
 
 
+def packed_inputs(prompts: list[list[int]], answers: list[list[list[int]]], device):
+    """(input ids (1, total), position ids (1, total), SharedPrefixLayout) of token-id lists packed as
+    ``[prompt_1, answers_1..., prompt_2, ...]``."""
+    from rlhf_fast.integrations.transformers import shared_prefix_inputs
+
+    return shared_prefix_inputs([torch.tensor(p) for p in prompts],
+                                [[torch.tensor(a) for a in ans] for ans in answers], device)
+
+
 @dataclass
 class Trunk:
     """The trunk's output on a packed batch of G prompts with their answers ``[prompt_1, answers_1...,
@@ -114,14 +123,11 @@ class Trunk:
     def select(self, groups: list[int], prompts: list[list[int]], answers: list[list[list[int]]]) -> Trunk:
         """The trunk of the packed batch of `groups` (indices into this batch; `prompts` / `answers`: theirs,
         in that order): their slices of the hidden states, concatenated (attention never crosses groups)."""
-        from rlhf_fast.integrations.transformers import shared_prefix_inputs
-
         starts = [0]
         for n in self.group_lens:
             starts.append(starts[-1] + n)
         hidden = torch.cat([self.hidden[:, starts[g]:starts[g + 1]] for g in groups], 1)
-        ids, pos, layout = shared_prefix_inputs([torch.tensor(p) for p in prompts],
-                                                [[torch.tensor(a) for a in ans] for ans in answers], self.ids.device)
+        ids, pos, layout = packed_inputs(prompts, answers, self.ids.device)
         if ids.shape[1] != hidden.shape[1]:
             raise ValueError(f"groups: their packed length {ids.shape[1]} is not that of their trunk slices "
                              f"{hidden.shape[1]}")
@@ -131,10 +137,9 @@ class Trunk:
 @torch.no_grad()
 def packed_trunk(model, prompts: list[list[int]], answers: list[list[list[int]]], depth: int, device) -> Trunk:
     """Run the first `depth` decoder layers of `model` over the prompts packed with their answers."""
-    from rlhf_fast.integrations.transformers import LAYOUT_KWARG, shared_prefix_inputs
+    from rlhf_fast.integrations.transformers import LAYOUT_KWARG
 
-    ids, pos, layout = shared_prefix_inputs([torch.tensor(p) for p in prompts],
-                                            [[torch.tensor(a) for a in ans] for ans in answers], device)
+    ids, pos, layout = packed_inputs(prompts, answers, device)
     dec = _decoder(model)
     with _span(dec, 0, depth, final_norm=False):
         hidden = dec(input_ids=ids, position_ids=pos, use_cache=False, **{LAYOUT_KWARG: layout}).last_hidden_state

@@ -6,9 +6,11 @@ The model defaults to the pipeline's (SmolLM2-135M-Instruct, resolved as the pip
 hub, or the package index's GGUF copy converted once).
 
 B chat-templated prompts of ~30-60 tokens, left-padded, `--new-tokens` sampled at temperature 1
-(top_p 1, top_k 0), one answer per prompt. Each run times generate, then fast_sample, then one
-teacher-forced forward over the same tokens fast_sample produced (for scale); the three alternate
-run by run, so a slow spell on a shared machine hits all of them. Prints medians and the ratio of
+(top_p 1, top_k 0), one answer per prompt. Each run times generate, then fast_sample, then fast_sample
+with the shared-prompt-prefix prefill switched off (the chat template's header and system prompt, which
+every prompt begins with, then runs once per row as in generate), then one teacher-forced forward over
+the same tokens fast_sample produced (for scale); they alternate run by run, so a slow spell on a shared
+machine hits all of them. Prints medians and the ratio of
 the per-run medians. Tokens/s counts B x new tokens (both paths run all N steps unless every row stops).
 """
 
@@ -51,8 +53,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_fast.pipeline import rollout
     from rlhf_fast.pipeline.models import DEFAULT_MODEL, resolve_model
-    from rlhf_fast.pipeline.rollout import fast_sample
+    from rlhf_fast.pipeline.rollout import _shared_prefix, fast_sample
 
     args.model = resolve_model(args.model or DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -89,6 +92,14 @@ def main() -> None:
         assert r.engine == "decoder_loop", r.fallback_reason
         return r
 
+    def run_unshared():
+        saved = rollout.SHARED_PREFIX_MIN_SAVED
+        rollout.SHARED_PREFIX_MIN_SAVED = 1 << 62
+        try:
+            return run_fast()
+        finally:
+            rollout.SHARED_PREFIX_MIN_SAVED = saved
+
     def run_forward(seq, seq_mask):
         with torch.inference_mode():
             model(input_ids=seq, attention_mask=seq_mask, position_ids=(seq_mask.cumsum(-1) - 1).clamp_min(0))
@@ -97,7 +108,8 @@ def main() -> None:
     # and the comparison does not depend on which samples happen to end early
     run_generate()
     r = run_fast()
-    times = {"generate": [], "fast_sample": [], "forward": []}
+    print(f"shared prompt prefix (run once): {_shared_prefix(ids, mask.bool())} tokens")
+    times = {"generate": [], "fast_sample": [], "no_shared_prefix": [], "forward": []}
     for _ in range(args.runs):
         t0 = time.perf_counter()
         n_gen = run_generate()
@@ -105,6 +117,9 @@ def main() -> None:
         t0 = time.perf_counter()
         r = run_fast()
         times["fast_sample"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run_unshared()
+        times["no_shared_prefix"].append(time.perf_counter() - t0)
         seq = torch.cat([ids, r.tokens], 1)
         seq_mask = torch.cat([mask, torch.ones_like(r.tokens)], 1)
         t0 = time.perf_counter()
@@ -114,12 +129,13 @@ def main() -> None:
     total = args.batch * n_new
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = [g / f for g, f in zip(times["generate"], times["fast_sample"], strict=True)]
-    for k in ("generate", "fast_sample"):
-        print(f"{k:12s} median {med[k]:.3f} s ({total / med[k]:.0f} tokens/s)  runs {[round(t, 3) for t in times[k]]}")
-    print(f"{'forward':12s} median {med['forward']:.3f} s  (one teacher-forced forward over "
+    for k in ("generate", "fast_sample", "no_shared_prefix"):
+        print(f"{k:16s} median {med[k]:.3f} s ({total / med[k]:.0f} tokens/s)  runs {[round(t, 3) for t in times[k]]}")
+    print(f"{'forward':16s} median {med['forward']:.3f} s  (one teacher-forced forward over "
           f"{args.batch} x {p_len + n_new} tokens)  runs {[round(t, 3) for t in times['forward']]}")
     print(f"speed-up over generate: {med['generate'] / med['fast_sample']:.2f}x (median of per-run ratios "
-          f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x)")
+          f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x); without the shared "
+          f"prefix {med['generate'] / med['no_shared_prefix']:.2f}x")
 
 
 if __name__ == "__main__":

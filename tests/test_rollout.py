@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_fast.pipeline.rollout import Rollout, _sample, fast_sample
+from rlhf_fast.pipeline.rollout import SHARED_PREFIX_MIN_SAVED, Rollout, _sample, _shared_prefix, fast_sample
 
 VOCAB, PAD = 61, 0
 
@@ -76,6 +76,53 @@ def test_sampled_logprobs_match_teacher_forcing(temperature, top_k, num_samples)
     ref = _teacher_forced_logprobs(model, ids, mask, r.tokens, r.lengths, temperature)
     torch.testing.assert_close(r.logprobs, ref, rtol=1e-5, atol=1e-5)  # logits of ~10: fp32 order
     assert not r.tokens.is_inference() and not r.logprobs.is_inference()
+
+
+def _shared_prompts(lengths, shared, seed=2):
+    """Left-padded prompts whose first `shared` real tokens are the same in every row."""
+    ids, mask = _prompts(lengths, seed)
+    lead = torch.randint(1, VOCAB, (shared,), generator=torch.Generator().manual_seed(seed + 1))
+    for i, n in enumerate(lengths):
+        start = ids.shape[1] - n
+        ids[i, start: start + shared] = lead
+    return ids, mask
+
+
+def test_shared_prefix_length():
+    ids, mask = _shared_prompts([12, 20, 15], 9)
+    assert _shared_prefix(ids, mask.bool()) == 9
+    # every row keeps a token of its own: identical prompts share all but their last token
+    same = ids[1:2].repeat(4, 1), mask[1:2].repeat(4, 1)
+    assert _shared_prefix(*same[:1], same[1].bool()) == 19
+    # a prefix that saves too few positions is not worth the extra pass; one row shares with no one
+    short = _shared_prompts([20, 24], SHARED_PREFIX_MIN_SAVED - 1)
+    assert _shared_prefix(short[0], short[1].bool()) == 0
+    assert _shared_prefix(ids[:1], mask[:1].bool()) == 0
+    # rows that differ from the first token share nothing
+    ids2, mask2 = _prompts([12, 20, 15], seed=4)
+    for i, n in enumerate([12, 20, 15]):
+        ids2[i, 20 - n] = i + 1
+    assert _shared_prefix(ids2, mask2.bool()) == 0
+
+
+@pytest.mark.parametrize("lengths,shared", [([12, 20, 15, 30], 10), ([18, 18, 18], 17)])
+def test_shared_prefix_prefill_equals_generate_and_teacher_forcing(lengths, shared):
+    # prompts that share their first tokens (a chat template's header) at different left paddings: the prefix
+    # runs once, the rest of each row after it; greedy answers equal generate's, sampled log-probs a forward's
+    model = _model()
+    ids, mask = _shared_prompts(lengths, shared)
+    if len(set(lengths)) == 1:  # identical prompts: all but the last token is shared
+        ids[:] = ids[0]
+    assert _shared_prefix(ids, mask.bool()) == shared
+    r = fast_sample(model, ids, mask, num_samples=1, max_new_tokens=12, temperature=0, top_p=1.0,
+                    stop_ids=[PAD], pad_id=PAD)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                         eos_token_id=PAD, pad_token_id=PAD)[:, ids.shape[1]:]
+    assert torch.equal(r.tokens, ref)
+    r = fast_sample(model, ids, mask, num_samples=2, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                    stop_ids=[PAD, 3], pad_id=PAD, generator=torch.Generator().manual_seed(0))
+    want = _teacher_forced_logprobs(model, ids, mask, r.tokens, r.lengths, 1.0)
+    torch.testing.assert_close(r.logprobs, want, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_stop_at_first_stop_and_are_padded():
@@ -181,3 +228,41 @@ def test_bad_input_raises(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         fast_sample(model, ids, mask, **kw)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_lora_model_packed_base_equals_generate_and_teacher_forcing(disabled):
+    # peft LoRA on every projection with non-zero adapters: the decode loop packs each base weight and adds
+    # the adapters' output; with the adapters disabled the layers run as they are
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_fast.pipeline.rollout import _lora_parts
+
+    model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    layer = model.base_model.model.model.layers[0]
+    assert _lora_parts(layer.self_attn.q_proj) is not None
+    ids, mask = _shared_prompts([12, 20, 15, 30], 10)
+    ctx = model.disable_adapter() if disabled else contextlib.nullcontext()
+    with ctx:
+        assert (_lora_parts(layer.mlp.down_proj) is None) == disabled
+        r = fast_sample(model, ids, mask, num_samples=1, max_new_tokens=12, temperature=0, top_p=1.0,
+                        stop_ids=[PAD], pad_id=PAD)
+        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                             eos_token_id=PAD, pad_token_id=PAD)[:, ids.shape[1]:]
+        assert torch.equal(r.tokens, ref)
+        greedy = r.tokens
+        r = fast_sample(model, ids, mask, num_samples=2, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                        stop_ids=[PAD, 3], pad_id=PAD, generator=torch.Generator().manual_seed(0))
+        want = _teacher_forced_logprobs(model, ids, mask, r.tokens, r.lengths, 1.0)
+        torch.testing.assert_close(r.logprobs, want, rtol=1e-5, atol=1e-5)
+    # the adapters change the answers; disabled, the answers are the base model's
+    plain = fast_sample(_model(), ids, mask, num_samples=1, max_new_tokens=12, temperature=0, top_p=1.0,
+                        stop_ids=[PAD], pad_id=PAD)
+    assert torch.equal(plain.tokens, greedy) == disabled
